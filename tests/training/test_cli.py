@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.training.test_data import make_dataset
+from training.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def dataset_dir(tmp_path: Path) -> Path:
+    items = [f"i{n}" for n in range(12)]
+    seqs = {f"u{u}": [items[(u + j) % 12] for j in range(5 + u % 3)] for u in range(30)}
+    return make_dataset(tmp_path / "ds", seqs, items)
+
+
+def test_data_stats_reports_counts(dataset_dir: Path) -> None:
+    result = runner.invoke(app, ["data", "stats", str(dataset_dir)])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.output)
+    assert (stats["users"], stats["items"]) == (30, 12)
+    assert stats["eval_users"] == 30
+
+
+def test_bad_dataset_fails_with_a_clear_message(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["data", "stats", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert "not a directory" in result.output
+
+
+def test_train_then_evaluate_reproduces_the_recorded_test_metrics(
+    dataset_dir: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": {"dim": 8, "heads": 2, "layers": 1}, "train": {}}))
+    out = tmp_path / "run"
+    args = [
+        "train-sasrec",
+        "--dataset",
+        str(dataset_dir),
+        "--out",
+        str(out),
+        "--config",
+        str(config),
+        "--epochs",
+        "2",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((out / "results.json").read_text())
+    assert recorded["config"]["model"]["dim"] == 8
+    assert recorded["epochs_run"] == 2
+    assert "hardware" in recorded
+
+    result = runner.invoke(app, ["evaluate", "--run", str(out), "--split", "test"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == recorded["test"]
+
+
+def test_unknown_config_field_is_refused(dataset_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": {"dimension": 8}}))
+    result = runner.invoke(
+        app,
+        [
+            "train-sasrec",
+            "--dataset",
+            str(dataset_dir),
+            "--out",
+            str(tmp_path / "r"),
+            "--config",
+            str(config),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "unknown SASRecConfig field(s) ['dimension']" in result.output

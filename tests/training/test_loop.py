@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.sasrec import SASRec, SASRecConfig
+from training.loop import BEST, LAST, TrainConfig, fit, load_checkpoint
+
+WINDOWS = np.random.default_rng(0).integers(0, 20, size=(64, 6))
+
+
+def batches(rng: np.random.Generator) -> Iterator[torch.Tensor]:
+    order = rng.permutation(len(WINDOWS))
+    for start in range(0, len(order), 16):
+        yield torch.from_numpy(WINDOWS[order[start : start + 16]])
+
+
+def new_model() -> SASRec:
+    torch.manual_seed(0)
+    return SASRec(SASRecConfig(num_items=20, max_len=5, dim=8, heads=2, layers=1, dropout=0.3))
+
+
+def run(model: SASRec, run_dir: Path, epochs: int, metric: list[float] | None = None) -> None:
+    values = iter(metric or [])
+
+    def validate() -> dict[str, float]:
+        # a fixed metric schedule when given, else the training loss itself (falls as it learns)
+        if metric is not None:
+            return {"ndcg@10": next(values)}
+        with torch.no_grad():
+            return {"ndcg@10": -float(model.loss(torch.from_numpy(WINDOWS)))}
+
+    fit(
+        model,
+        model_config=asdict(model.config),
+        loss_fn=model.loss,
+        batches=batches,
+        validate=validate,
+        config=TrainConfig(epochs=epochs, patience=2, seed=3),
+        run_dir=run_dir,
+        meta={"kind": "test"},
+        progress=False,
+    )
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path: Path) -> None:
+    straight = new_model()
+    run(straight, tmp_path / "a", epochs=4)
+    resumed = new_model()
+    run(resumed, tmp_path / "b", epochs=2)
+    run(resumed, tmp_path / "b", epochs=4)  # picks up last.pt at epoch 3
+    a = load_checkpoint(tmp_path / "a" / LAST)
+    b = load_checkpoint(tmp_path / "b" / LAST)
+    assert a["epoch"] == b["epoch"] == 4
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+
+
+def test_early_stopping_keeps_the_best_validation_state(tmp_path: Path) -> None:
+    model = new_model()
+    run(model, tmp_path, epochs=10, metric=[0.1, 0.3, 0.2, 0.25, 0.9])
+    best = load_checkpoint(tmp_path / BEST)
+    last = load_checkpoint(tmp_path / LAST)
+    assert best["epoch"] == 2  # 0.3; then two evaluations without improvement stop the run
+    assert last["epoch"] == 4
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, best["state_dict"][name])
+
+
+def test_checkpoint_is_self_describing(tmp_path: Path) -> None:
+    model = new_model()
+    run(model, tmp_path, epochs=1)
+    ckpt = load_checkpoint(tmp_path / BEST)
+    rebuilt = SASRec(SASRecConfig(**ckpt["model_config"]))
+    rebuilt.load_state_dict(ckpt["state_dict"])
+    assert ckpt["meta"] == {"kind": "test"}
+    assert ckpt["train_config"]["seed"] == 3
+
+
+def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
+    run(new_model(), tmp_path, epochs=1)
+    other = SASRec(SASRecConfig(num_items=20, max_len=5, dim=16, heads=2, layers=1))
+    with pytest.raises(ValueError, match="model config differs"):
+        run(other, tmp_path, epochs=2)
+
+
+def test_non_checkpoint_is_refused(tmp_path: Path) -> None:
+    torch.save({"state_dict": {}}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not a bbqrec checkpoint"):
+        load_checkpoint(tmp_path / "x.pt")

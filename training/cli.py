@@ -1,0 +1,201 @@
+"""`bbqrec`: the command line. Strings become classes and configs here, at the edge, once."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from training.data import EMBEDDED_DATASET, DatasetError, leave_one_out, load_dataset
+
+app = typer.Typer(help="BBQRec: train, evaluate, export and serve.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+DatasetArg = Annotated[
+    Path,
+    typer.Argument(help="Dataset directory in the shared schema (default: the embedded one)."),
+]
+DatasetOpt = Annotated[
+    Path, typer.Option("--dataset", help="Dataset directory (default: the embedded one).")
+]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+def _load(path: Path) -> Any:
+    try:
+        return load_dataset(path)
+    except DatasetError as e:
+        raise _fail(str(e)) from e
+
+
+def hardware() -> dict[str, Any]:
+    """What a result was measured on, stored next to every result."""
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def build_config(cls: type, section: dict[str, Any], **overrides: Any) -> Any:
+    """Build a frozen config dataclass from a JSON section plus CLI overrides; unknown keys fail."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise _fail(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    values = dict(section) | {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise _fail(f"{cls.__name__}: {e}") from e
+
+
+def read_config_file(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise _fail(f"{path}: cannot read JSON config ({e})") from e
+    if not isinstance(config, dict):
+        raise _fail(f"{path}: a config is a JSON object with 'model' and 'train' sections")
+    return config
+
+
+@data_app.command("stats")
+def data_stats(dataset: DatasetArg = EMBEDDED_DATASET, max_len: int = 20) -> None:
+    """Counts, sequence lengths, split sizes and modalities of a dataset."""
+    from training.features import available_modalities
+
+    ds = _load(dataset)
+    lengths = np.array([len(s) for s in ds.sequences])
+    split = leave_one_out(ds, max_len)
+    stats = {
+        "dataset": str(ds.root),
+        "users": ds.num_users,
+        "items": ds.num_items,
+        "interactions": ds.num_interactions,
+        "density": ds.num_interactions / (ds.num_users * ds.num_items),
+        "seq_len": {
+            "min": int(lengths.min()),
+            "mean": round(float(lengths.mean()), 3),
+            "median": float(np.median(lengths)),
+            "max": int(lengths.max()),
+        },
+        "items_with_text": sum(1 for t in ds.item_text if t),
+        "eval_users": len(split.test),
+        "train_targets": int(sum(max(len(s) - 1, 0) for s in split.train)),
+        "modalities": {
+            name: list(ds.features[name].shape) if name in ds.features else "computed (MiniLM)"
+            for name in available_modalities(ds)
+        },
+    }
+    typer.echo(json.dumps(stats, indent=2))
+
+
+@app.command()
+def features(
+    dataset: DatasetArg = EMBEDDED_DATASET,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory.")] = None,
+) -> None:
+    """Compute (or find cached) text features and list every modality with its shape."""
+    from training.features import DEFAULT_CACHE_DIR, available_modalities, load_modalities
+
+    ds = _load(dataset)
+    cache = cache_dir or DEFAULT_CACHE_DIR
+    mods = load_modalities(ds, available_modalities(ds), cache_dir=cache)
+    for name, matrix in mods.items():
+        typer.echo(f"{name}: {matrix.shape[0]} x {matrix.shape[1]} float32")
+
+
+@app.command("train-sasrec")
+def train_sasrec_cmd(
+    out: Annotated[Path, typer.Option(help="Run directory (checkpoints, history, results).")],
+    dataset: DatasetOpt = EMBEDDED_DATASET,
+    config: Annotated[Path | None, typer.Option(help="JSON with 'model'/'train' sections.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Overrides train.seed.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Overrides train.epochs.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train the SASRec baseline; resumes from OUT/last.pt when present."""
+    from model.sasrec import SASRecConfig
+    from training.loop import TrainConfig
+    from training.sasrec import train_sasrec
+
+    ds = _load(dataset)
+    cfg = read_config_file(config)
+    model_cfg = build_config(SASRecConfig, cfg.get("model", {}), num_items=ds.num_items)
+    train_cfg = build_config(TrainConfig, cfg.get("train", {}), seed=seed, epochs=epochs)
+    start = time.perf_counter()
+    _, result, test = train_sasrec(ds, model_cfg, train_cfg, out, device=device, progress=progress)
+    summary = {
+        "command": "bbqrec " + " ".join(sys.argv[1:]),
+        "dataset": str(ds.root),
+        "config": {"model": asdict(model_cfg), "train": asdict(train_cfg)},
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "valid": result.best_metrics,
+        "test": test,
+        "train_wall_seconds": round(result.wall_seconds, 1),
+        "total_wall_seconds": round(time.perf_counter() - start, 1),
+        "hardware": hardware(),
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    typer.echo(json.dumps({"valid": result.best_metrics, "test": test}, indent=2))
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Option(help="Run directory written by a train command.")],
+    split: Annotated[str, typer.Option(help="valid | test")] = "test",
+    dataset: Annotated[
+        Path | None, typer.Option(help="Dataset (default: the one the run was trained on).")
+    ] = None,
+) -> None:
+    """Full-ranking Recall/NDCG of a trained run's selected checkpoint."""
+    from training.sasrec import evaluate_sasrec, load_sasrec
+
+    if split not in ("valid", "test"):
+        raise _fail(f"--split must be 'valid' or 'test', got {split!r}")
+    try:
+        model, ckpt = load_sasrec(run)
+    except (FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from e
+    ds = _load(dataset or Path(ckpt["meta"]["dataset"]))
+    if ds.num_items != model.config.num_items:
+        raise _fail(
+            f"{ds.root} has {ds.num_items} items; the run was trained on {model.config.num_items}"
+        )
+    typer.echo(json.dumps(evaluate_sasrec(model, ds, split), indent=2))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()
