@@ -192,6 +192,121 @@ def evaluate(
     typer.echo(json.dumps(evaluate_sasrec(model, ds, split), indent=2))
 
 
+# Tokenizer variants: BBQRec, the TIGER-style baseline and the ablations, as config overrides.
+TOKENIZER_VARIANTS: dict[str, dict[str, Any]] = {
+    "bbqrec": {},
+    "tiger": {"tiger": True, "id_dim": 0, "club": False, "contrastive": False},
+    "no-club": {"club": False},
+    "separate-codebooks": {"shared_codebook": False},
+    "no-id": {"id_dim": 0},
+}
+
+
+def default_modalities(names: list[str]) -> list[str]:
+    """Text plus every image feature the dataset ships."""
+    return [m for m in names if m == "text" or "image" in m]
+
+
+@app.command()
+def tokenize(
+    out: Annotated[Path, typer.Option(help="Artifact directory.")],
+    dataset: DatasetOpt = EMBEDDED_DATASET,
+    variant: Annotated[str, typer.Option(help=", ".join(TOKENIZER_VARIANTS))] = "bbqrec",
+    config: Annotated[
+        Path | None, typer.Option(help="JSON with 'tokenizer'/'train' sections.")
+    ] = None,
+    sasrec: Annotated[
+        Path | None,
+        typer.Option(
+            help="SASRec run whose item embeddings initialise z_ID (default: train one "
+            "on the training split into OUT/sasrec)."
+        ),
+    ] = None,
+    modalities: Annotated[
+        str | None, typer.Option(help="Comma-separated modalities (default: text + images).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Overrides train.seed.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Overrides train.epochs.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train the behaviour-bound tokenizer (or a baseline/ablation) and write SIDs."""
+    from model.sasrec import SASRecConfig
+    from model.tokenizer import TokenizerConfig
+    from training.features import available_modalities, text_features
+    from training.loop import TrainConfig
+    from training.sasrec import item_embeddings, load_sasrec, train_sasrec
+    from training.tokenize import train_tokenizer
+
+    if variant not in TOKENIZER_VARIANTS:
+        raise _fail(f"unknown variant {variant!r}; choose from {sorted(TOKENIZER_VARIANTS)}")
+    ds = _load(dataset)
+    names = modalities.split(",") if modalities else default_modalities(available_modalities(ds))
+    if not names:
+        raise _fail(f"{ds.root} has no content modality to tokenize")
+    dims = []
+    for name in names:
+        if name == "text":
+            dims.append((name, int(text_features(ds, progress=progress).shape[1])))
+        elif name in ds.features:
+            dims.append((name, int(ds.features[name].shape[1])))
+        else:
+            raise _fail(f"modality {name!r} not available; have {available_modalities(ds)}")
+    cfg = read_config_file(config)
+    section = cfg.get("tokenizer", {}) | TOKENIZER_VARIANTS[variant]
+    tok_cfg = build_config(TokenizerConfig, section, modalities=tuple(dims), num_items=ds.num_items)
+    train_cfg = build_config(
+        TrainConfig,
+        {"epochs": 100, "batch_size": 512, "patience": 10} | cfg.get("train", {}),
+        seed=seed,
+        epochs=epochs,
+        monitor="neg_loss",
+    )
+    id_init = None
+    if tok_cfg.id_dim:
+        if sasrec is None:
+            sasrec = out / "sasrec"
+            sas_cfg = read_config_file(Path(__file__).parent / "configs" / "sasrec.json")
+            model_cfg = build_config(
+                SASRecConfig, sas_cfg["model"] | {"dim": tok_cfg.id_dim}, num_items=ds.num_items
+            )
+            train_sasrec(
+                ds,
+                model_cfg,
+                build_config(TrainConfig, sas_cfg["train"], seed=train_cfg.seed),
+                sasrec,
+                device=device,
+                progress=progress,
+            )
+        sas_model, ckpt = load_sasrec(sasrec)
+        if ckpt["meta"]["num_items"] != ds.num_items:
+            raise _fail(f"{sasrec} was trained on another catalogue")
+        id_init = item_embeddings(sas_model)
+        if id_init.shape[1] != tok_cfg.id_dim:
+            raise _fail(f"{sasrec} has dim {id_init.shape[1]}; set tokenizer.id_dim to match")
+    start = time.perf_counter()
+    _, metrics = train_tokenizer(
+        ds,
+        tok_cfg,
+        train_cfg,
+        out,
+        modality_names=names,
+        id_init=id_init,
+        device=device,
+        progress=progress,
+    )
+    summary = {
+        "command": "bbqrec " + " ".join(sys.argv[1:]),
+        "variant": variant,
+        "config": {"tokenizer": asdict(tok_cfg), "train": asdict(train_cfg)},
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "hardware": hardware(),
+    }
+    (out / "run.json").write_text(json.dumps(summary, indent=2))
+    shown = {k: v for k, v in metrics.items() if k != "curves"}
+    typer.echo(json.dumps(shown, indent=2))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app()

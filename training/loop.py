@@ -101,6 +101,8 @@ def fit(
     config: TrainConfig,
     run_dir: Path,
     meta: dict[str, Any],
+    parameters: Iterable[nn.Parameter] | None = None,
+    on_epoch_end: Callable[[int], dict[str, float]] | None = None,
     resume: bool = True,
     progress: bool = True,
 ) -> FitResult:
@@ -110,12 +112,18 @@ def fit(
     returns the scalar loss; `validate()` returns metrics that include `config.monitor`.
     `model_config` rebuilds the model (stored in every checkpoint, compared on resume); `meta`
     (dataset, model kind, anything a later stage needs) is stored in every checkpoint too.
+    `parameters` limits what the loop's optimiser updates (default: all of `model`), for models
+    that step a part of themselves with their own optimiser inside `loss_fn` (e.g. a CLUB
+    estimator). `on_epoch_end(epoch)` runs after each epoch's updates (e.g. dead-code re-seeding)
+    and may return figures to record in the history.
     With `resume`, an existing `last.pt` in `run_dir` is continued from its next epoch.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        model.parameters() if parameters is None else parameters,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
     )
     seed_everything(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -181,6 +189,8 @@ def fit(
             count += 1
             bar.set_postfix(loss=f"{total / count:.4f}")
         record: dict[str, float] = {"epoch": float(epoch), "loss": total / max(count, 1)}
+        if on_epoch_end is not None:
+            record |= on_epoch_end(epoch)
         if epoch % config.eval_every == 0 or epoch == config.epochs:
             model.eval()
             with torch.no_grad():

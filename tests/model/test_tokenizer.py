@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.tokenizer import BBQTokenizer, TokenizerConfig
+from training.cli import TOKENIZER_VARIANTS as VARIANTS
+
+MODS = (("text", 12), ("image", 10))
+
+
+def batch(n: int = 8) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    feats = {name: torch.randn(n, d, generator=g) for name, d in MODS}
+    return feats, torch.arange(n)
+
+
+def config(**kw: object) -> TokenizerConfig:
+    base: dict[str, object] = {
+        "modalities": MODS,
+        "num_items": 20,
+        "id_dim": 6,
+        "code_dim": 4,
+        "hidden": 16,
+        "levels": 2,
+        "codebook_size": 8,
+    }
+    return TokenizerConfig(**(base | kw))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_returns_the_same_typed_output(variant: str) -> None:
+    torch.manual_seed(0)
+    model = BBQTokenizer(config(**VARIANTS[variant]))
+    feats, items = batch()
+    out = model(feats, items, feats, torch.roll(items, 1))
+    assert set(out.parts) == {"recon", "rq", "club", "align", "anchor"}
+    assert out.codes.shape == (8, 2)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    if variant == "tiger":
+        assert float(out.parts["club"].detach()) == 0.0
+        assert float(out.parts["align"].detach()) == 0.0
+    else:
+        assert float(out.parts["align"].detach()) > 0.0
+
+
+def test_views_follow_the_switches() -> None:
+    assert config().views == ("text", "image", "id")
+    assert config(id_dim=0).views == ("text", "image")
+    assert len(BBQTokenizer(config(shared_codebook=False)).quantizers) == 4  # 3 views + fused
+    assert len(BBQTokenizer(config()).quantizers) == 1
+
+
+def test_tiger_refuses_behaviour_terms() -> None:
+    with pytest.raises(ValueError, match="tiger=True"):
+        config(tiger=True)
+
+
+def test_club_estimator_is_not_stepped_by_the_main_optimiser() -> None:
+    model = BBQTokenizer(config())
+    main = {id(p) for p in model.main_parameters()}
+    assert all(id(p) not in main for p in model.estimator_parameters())
+    assert len(model.estimator_parameters()) > 0
+
+
+def test_cold_start_codes_need_no_item_and_are_deterministic() -> None:
+    model = BBQTokenizer(config()).eval()
+    feats, _ = batch(3)
+    a = model.codes(feats, None)
+    assert torch.equal(a, model.codes(feats, None))
+    assert a.shape == (3, 2)
+
+
+def test_decode_sid_adds_the_extra_level() -> None:
+    model = BBQTokenizer(config()).eval()
+    with torch.no_grad():
+        model.extra_level.weight[1] = 1.0
+    sid = torch.tensor([[3, 4, 0], [3, 4, 1]])
+    diff = model.decode_sid(sid)[1] - model.decode_sid(sid)[0]
+    assert torch.allclose(diff, torch.ones(4))
