@@ -5,7 +5,6 @@ import torch
 
 from model.quantizer import ResidualQuantizer, kmeans
 
-
 Fitted = tuple[ResidualQuantizer, torch.Tensor]
 
 
