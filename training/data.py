@@ -57,9 +57,6 @@ class Dataset:
     def num_interactions(self) -> int:
         return sum(len(s) for s in self.sequences)
 
-    def item_index(self) -> dict[str, int]:
-        return {item: i for i, item in enumerate(self.item_ids)}
-
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
     try:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from model.sasrec import SASRec, SASRecConfig
-from training.data import Dataset, Split, leave_one_out, training_windows
+from training.data import Dataset, leave_one_out, training_windows
 from training.evaluation import evaluate
 from training.loop import BEST, FitResult, TrainConfig, fit, load_checkpoint, resolve_device
 
@@ -95,7 +95,7 @@ def load_sasrec(run_dir: Path, device: str = "cpu") -> tuple[SASRec, dict[str, A
 
 
 def evaluate_sasrec(model: SASRec, dataset: Dataset, split_name: str) -> dict[str, float]:
-    split: Split = leave_one_out(dataset, model.config.max_len)
+    split = leave_one_out(dataset, model.config.max_len)
     target = {"valid": split.valid, "test": split.test}[split_name]
     return evaluate(SASRecRanker(model), target)
 
@@ -103,7 +103,3 @@ def evaluate_sasrec(model: SASRec, dataset: Dataset, split_name: str) -> dict[st
 def item_embeddings(model: SASRec) -> np.ndarray:
     """(N, D) learned item embeddings, row i = dataset item i (the tokenizer's z_ID init)."""
     return model.item_weights().detach().cpu().numpy().astype(np.float32)
-
-
-def config_summary(model: SASRec, train_config: TrainConfig) -> dict[str, Any]:
-    return {"model": asdict(model.config), "train": asdict(train_config)}
