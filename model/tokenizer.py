@@ -192,6 +192,20 @@ class BBQTokenizer(nn.Module):
         extra: Tensor = self.extra_level(sid[:, L])
         return self.quantizer(FUSED_VIEW).decode(sid[:, :L]) + extra
 
+    def reconstruct(self, features: dict[str, Tensor], items: Tensor | None) -> dict[str, Tensor]:
+        """Per modality, the decoder's reconstruction of the features from the quantized view."""
+        views = self.behaviour_views(features, items)
+        if self.config.tiger:
+            q: Tensor = self.quantizer(FUSED_VIEW)(views[FUSED_VIEW]).quantized
+            recon = self.decoder(q)
+            dims = [d for _, d in self.config.modalities]
+            return dict(zip(self.names, torch.split(recon, dims, dim=-1), strict=True))
+        out = {}
+        for m in self.names:
+            qm: Tensor = self.quantizer(m)(views[m]).quantized
+            out[m] = self.dec[m](torch.cat([self.enc_s[m](features[m]), qm], dim=-1))
+        return out
+
     # -- training --------------------------------------------------------------------------
 
     def estimator_loss(self, features: dict[str, Tensor]) -> Tensor:

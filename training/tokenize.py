@@ -326,8 +326,18 @@ def tokenizer_metrics(
     fused = torch.from_numpy(fused_views(model, mods, with_id=bool(c.id_dim))).to(device)
     recon_sid = model.decode_sid(torch.from_numpy(sids).to(device))
     recon_codes = model.quantizer(FUSED_VIEW).decode(torch.from_numpy(codes).to(device))
+    recon_se = dict.fromkeys(model.names, 0.0)
+    n = len(sids)
+    for start in range(0, n, 2048):
+        rows = np.arange(start, min(start + 2048, n))
+        items = torch.from_numpy(rows).to(device) if c.id_dim else None
+        feats = _to(mods, rows, device)
+        for m, recon in model.reconstruct(feats, items).items():
+            recon_se[m] += float(((recon - feats[m]) ** 2).sum())
     return {
-        "items": len(sids),
+        "items": n,
+        # squared error per item on the L2-normalised features (0 = perfect, 2 = orthogonal-ish)
+        "reconstruction_error": {m: se / n for m, se in recon_se.items()},
         "levels": level_stats(codes, c.codebook_size),
         "collision_rate_before_extra_level": collision_rate(codes),
         "collision_rate_after_extra_level": collision_rate(sids),

@@ -79,3 +79,11 @@ def test_decode_sid_adds_the_extra_level() -> None:
     sid = torch.tensor([[3, 4, 0], [3, 4, 1]])
     diff = model.decode_sid(sid)[1] - model.decode_sid(sid)[0]
     assert torch.allclose(diff, torch.ones(4))
+
+
+@pytest.mark.parametrize("variant", ["bbqrec", "tiger"])
+def test_reconstruct_gives_every_modality_back_in_its_shape(variant: str) -> None:
+    model = BBQTokenizer(config(**VARIANTS[variant])).eval()
+    feats, items = batch(5)
+    recon = model.reconstruct(feats, items)
+    assert {m: r.shape for m, r in recon.items()} == {m: f.shape for m, f in feats.items()}

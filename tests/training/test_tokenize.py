@@ -133,6 +133,7 @@ def test_tokenize_end_to_end_on_the_bundled_dataset(tmp_path: Path) -> None:
     assert metrics["collision_rate_after_extra_level"] == 0.0
     assert len(metrics["levels"]) == 3
     assert all(0 < lv["utilisation"] <= 1 for lv in metrics["levels"])
+    assert set(metrics["reconstruction_error"]) == {"clip_vitb32_image", "clip_vitb32_text"}
     assert len(metrics["curves"]) == 2
     assert {"train_club", "train_align", "train_recon"} <= set(metrics["curves"][0])
 
