@@ -175,21 +175,126 @@ def evaluate(
         Path | None, typer.Option(help="Dataset (default: the one the run was trained on).")
     ] = None,
 ) -> None:
-    """Full-ranking Recall/NDCG of a trained run's selected checkpoint."""
+    """Full-ranking Recall/NDCG of a trained run's selected checkpoint (SASRec or generative)."""
+    from training.data import leave_one_out
+    from training.generative import evaluate_generative, load_generative
+    from training.loop import BEST, load_checkpoint
     from training.sasrec import evaluate_sasrec, load_sasrec
 
     if split not in ("valid", "test"):
         raise _fail(f"--split must be 'valid' or 'test', got {split!r}")
     try:
-        model, ckpt = load_sasrec(run)
+        meta = load_checkpoint(run / BEST)["meta"]
     except (FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from e
-    ds = _load(dataset or Path(ckpt["meta"]["dataset"]))
-    if ds.num_items != model.config.num_items:
+    ds = _load(dataset or Path(meta["dataset"]))
+    if ds.num_items != meta["num_items"]:
         raise _fail(
-            f"{ds.root} has {ds.num_items} items; the run was trained on {model.config.num_items}"
+            f"{ds.root} has {ds.num_items} items; the run was trained on {meta['num_items']}"
         )
-    typer.echo(json.dumps(evaluate_sasrec(model, ds, split), indent=2))
+    if meta["kind"] == "sasrec":
+        model, _ = load_sasrec(run)
+        metrics = evaluate_sasrec(model, ds, split)
+    elif meta["kind"] == "generative":
+        gen, tables, _ = load_generative(run)
+        target = leave_one_out(ds, gen.config.max_items)
+        metrics = evaluate_generative(
+            gen, tables, target.test if split == "test" else target.valid, meta["beam"]
+        )
+    else:
+        raise _fail(f"{run}: cannot evaluate a run of kind {meta['kind']!r}")
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+# Generative-model variants: the full model and the model-side ablations.
+GENERATIVE_VARIANTS: dict[str, dict[str, Any]] = {
+    "bbqrec": {},
+    "no-reweight": {"reweight": False},
+    "no-s2i": {"s2i_weight": 0.0},
+    "plain": {"reweight": False, "s2i_weight": 0.0},  # TIGER's model on any tokenizer
+}
+PROFILES = ("quick", "full")
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="Run directory.")],
+    tokenizer: Annotated[Path, typer.Option(help="Tokenizer artifact from `bbqrec tokenize`.")],
+    dataset: DatasetOpt = EMBEDDED_DATASET,
+    profile: Annotated[str, typer.Option(help="quick (CPU) | full (paper size, GPU)")] = "quick",
+    variant: Annotated[str, typer.Option(help=", ".join(GENERATIVE_VARIANTS))] = "bbqrec",
+    config: Annotated[
+        Path | None, typer.Option(help="JSON with 'model'/'train' sections over the profile.")
+    ] = None,
+    beam: Annotated[int, typer.Option(help="Beam width for ranking (>= 20).")] = 20,
+    seed: Annotated[int | None, typer.Option(help="Overrides train.seed.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Overrides train.epochs.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train the generative recommender on a tokenizer's semantic IDs; resumes from OUT."""
+    from model.generative import GenRecConfig
+    from training.generative import CatalogueTables, train_generative
+    from training.loop import TrainConfig
+    from training.tokenize import Tokenizer
+
+    if profile not in PROFILES:
+        raise _fail(f"unknown profile {profile!r}; choose from {PROFILES}")
+    if variant not in GENERATIVE_VARIANTS:
+        raise _fail(f"unknown variant {variant!r}; choose from {sorted(GENERATIVE_VARIANTS)}")
+    ds = _load(dataset)
+    try:
+        tok = Tokenizer(tokenizer)
+        tables = CatalogueTables.from_tokenizer(tok, ds)
+    except (FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from e
+    base = read_config_file(Path(__file__).parent / "configs" / f"generative_{profile}.json")
+    user = read_config_file(config)
+    model_cfg = build_config(
+        GenRecConfig,
+        base["model"] | user.get("model", {}) | GENERATIVE_VARIANTS[variant],
+        sid_levels=tables.sids.shape[1],
+        codebook_size=tok.config.codebook_size,
+        num_views=tables.view_codes.shape[1],
+        code_levels=tables.view_codes.shape[2],
+        item_dim=tables.item_repr.shape[1],
+    )
+    train_cfg = build_config(
+        TrainConfig, base["train"] | user.get("train", {}), seed=seed, epochs=epochs
+    )
+    start = time.perf_counter()
+    meta = {
+        "tokenizer": str(tokenizer),
+        "tokenizer_variant": tok.meta.get("variant"),
+        "variant": variant,
+        "profile": profile,
+    }
+    _, result, test = train_generative(
+        ds,
+        tables,
+        model_cfg,
+        train_cfg,
+        out,
+        beam=beam,
+        meta=meta,
+        device=device,
+        progress=progress,
+    )
+    summary = {
+        "command": "bbqrec " + " ".join(sys.argv[1:]),
+        "dataset": str(ds.root),
+        "tokenizer": str(tokenizer),
+        "config": {"model": asdict(model_cfg), "train": asdict(train_cfg), "beam": beam},
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "valid": result.best_metrics,
+        "test": test,
+        "train_wall_seconds": round(result.wall_seconds, 1),
+        "total_wall_seconds": round(time.perf_counter() - start, 1),
+        "hardware": hardware(),
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    typer.echo(json.dumps({"valid": result.best_metrics, "test": test}, indent=2))
 
 
 # Tokenizer variants: BBQRec, the TIGER-style baseline and the ablations, as config overrides.
@@ -292,6 +397,7 @@ def tokenize(
         out,
         modality_names=names,
         id_init=id_init,
+        variant=variant,
         device=device,
         progress=progress,
     )

@@ -187,6 +187,7 @@ def train_tokenizer(
     *,
     modality_names: list[str],
     id_init: np.ndarray | None = None,
+    variant: str = "bbqrec",
     max_len: int = 20,
     cache_dir: Path = DEFAULT_CACHE_DIR,
     device: str = "auto",
@@ -309,7 +310,7 @@ def train_tokenizer(
     metrics = tokenizer_metrics(model, mods, codes, sids, result.history)
     metrics["best_epoch"] = result.best_epoch
     metrics["train_wall_seconds"] = round(result.wall_seconds, 1)
-    write_artifact(out, model, dataset, modality_names, sids, metrics)
+    write_artifact(out, model, dataset, modality_names, variant, sids, metrics)
     return model, metrics
 
 
@@ -353,6 +354,7 @@ def write_artifact(
     model: BBQTokenizer,
     dataset: Dataset,
     modality_names: list[str],
+    variant: str,
     sids: np.ndarray,
     metrics: dict[str, Any],
 ) -> None:
@@ -366,6 +368,7 @@ def write_artifact(
                 "dataset": str(dataset.root),
                 "dataset_name": dataset.name,
                 "modalities": modality_names,
+                "variant": variant,
                 "feature_normalisation": "l2",
             },
         },
@@ -437,6 +440,34 @@ class Tokenizer:
         self.model.to(device).eval()
         self.item_ids = (path / "item_ids.txt").read_text().split()
         self.table = SemanticIds(np.load(path / "sids.npy"))
+
+    @property
+    def view_names(self) -> tuple[str, ...]:
+        """Views whose codes measure item similarity: the behaviour views (modalities, z_ID),
+        or the single fused view of a TIGER-style tokenizer."""
+        return (FUSED_VIEW,) if self.config.tiger else self.config.views
+
+    @torch.no_grad()
+    def view_codes(self, mods: dict[str, np.ndarray]) -> np.ndarray:
+        """(N, V, L) codes of every catalogue item's views (`mods` L2-normalised, catalogue
+        order), from the views' own quantizers."""
+        device = next(self.model.parameters()).device
+        n = len(next(iter(mods.values())))
+        out = []
+        for start in range(0, n, 2048):
+            rows = np.arange(start, min(start + 2048, n))
+            items = torch.from_numpy(rows).to(device) if self.config.id_dim else None
+            views = self.model.behaviour_views(_to(mods, rows, device), items)
+            views.setdefault(FUSED_VIEW, self.model.fuse(views))
+            codes = [self.model.quantizer(v)(views[v]).codes for v in self.view_names]
+            out.append(torch.stack(codes, dim=1).cpu())
+        return torch.cat(out).numpy()
+
+    @torch.no_grad()
+    def item_representations(self) -> np.ndarray:
+        """(N, code_dim) each item's quantized representation, decoded from its SID alone."""
+        sids = torch.from_numpy(self.table.sids).to(next(self.model.parameters()).device)
+        return self.model.decode_sid(sids).cpu().numpy().astype(np.float32)
 
     @torch.no_grad()
     def new_item_sid(self, features: dict[str, np.ndarray]) -> tuple[int, ...]:
