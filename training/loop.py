@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 BEST = "best.pt"
 LAST = "last.pt"
 HISTORY = "history.json"
+CURVES = "curves.png"
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,24 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         if key not in ckpt:
             raise ValueError(f"{path}: not a bbqrec checkpoint (missing {key!r})")
     return ckpt
+
+
+def plot_history(history: list[dict[str, float]], path: Path, monitor: str) -> None:
+    """Training loss and the monitored validation metric per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
+    left.plot([r["epoch"] for r in history], [r["loss"] for r in history])
+    left.set(title="training loss", xlabel="epoch")
+    evals = [r for r in history if f"valid_{monitor}" in r]
+    right.plot([r["epoch"] for r in evals], [r[f"valid_{monitor}"] for r in evals], marker="o")
+    right.set(title=f"validation {monitor}", xlabel="epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def fit(
@@ -213,6 +232,7 @@ def fit(
         epochs_run = epoch
         _atomic_save(checkpoint(epoch, elapsed_before + time.perf_counter() - t0), run_dir / LAST)
         (run_dir / HISTORY).write_text(json.dumps(history, indent=1))
+        plot_history(history, run_dir / CURVES, config.monitor)
         if progress:
             shown = {k: round(v, 4) for k, v in record.items() if k != "epoch"}
             tqdm.write(f"epoch {epoch}: {shown}")

@@ -93,6 +93,7 @@ def test_train_then_evaluate_reproduces_the_recorded_metrics(
     )
     assert result.exit_code == 0, result.output
     recorded = json.loads((out / "results.json").read_text())
+    assert (out / "curves.png").exists()
     assert recorded["config"]["model"]["num_views"] == 2  # image and text behaviour views
     assert recorded["config"]["model"]["sid_levels"] == 3
     assert 0.0 <= recorded["test"]["ndcg@10"] <= recorded["test"]["recall@10"] <= 1.0
