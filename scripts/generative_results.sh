@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The generative comparison of docs/RESULTS.md: TIGER, BBQRec and its ablations, 3 seeds.
+#   bash scripts/generative_results.sh PROFILE DATASET_NAME DATASET_DIR [RUNS=runs]
+# e.g. bash scripts/generative_results.sh quick scientific_mm training/datasets/scientific_mm
+# Needs runs/sasrec/NAME/seed0 (z_ID initialisation; trained on the training split only).
+# TOK_EPOCHS (default 100) sets the tokenizer's epochs: 30 on Beauty/Sports (24-36 steps an epoch)
+# gives about the step count of 100 on Scientific-mm (4 steps an epoch).
+# Every stage resumes: rerunning after an interruption continues where it stopped.
+set -euo pipefail
+profile=$1 name=$2 dir=$3 runs=${4:-runs}
+sasrec=$runs/sasrec/$name/seed0
+tok_epochs=${TOK_EPOCHS:-100}
+# model -> "tokenizer-variant generative-variant"
+declare -A models=(
+  [tiger]="tiger plain"
+  [bbqrec]="bbqrec bbqrec"
+  [no-club]="no-club bbqrec"
+  [no-shared-codebook]="separate-codebooks bbqrec"
+  [no-zid]="no-id bbqrec"
+  [no-reweight]="bbqrec no-reweight"
+  [no-s2i]="bbqrec no-s2i"
+)
+for model in tiger bbqrec no-club no-shared-codebook no-zid no-reweight no-s2i; do
+  read -r tok_variant gen_variant <<< "${models[$model]}"
+  tok=$runs/tok/$name/$tok_variant
+  if [ ! -f "$tok/tokenizer.pt" ]; then
+    bbqrec tokenize --dataset "$dir" --variant "$tok_variant" --sasrec "$sasrec" \
+      --epochs "$tok_epochs" --out "$tok" --no-progress
+  fi
+  for seed in 0 1 2; do
+    out=$runs/generative/$profile/$name/$model/seed$seed
+    [ -f "$out/results.json" ] && continue
+    bbqrec train --dataset "$dir" --tokenizer "$tok" --profile "$profile" --variant "$gen_variant" \
+      --seed "$seed" --out "$out" --no-progress
+  done
+done
+python scripts/summarize_runs.py "$runs"/generative/"$profile"/"$name"/*/
