@@ -10,12 +10,15 @@ import sys
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 
-from training.data import EMBEDDED_DATASET, DatasetError, leave_one_out, load_dataset
+from training.data import EMBEDDED_DATASET, Dataset, DatasetError, leave_one_out, load_dataset
+
+if TYPE_CHECKING:
+    from training.loop import FitResult
 
 app = typer.Typer(help="BBQRec: train, evaluate, export and serve.", no_args_is_help=True)
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
@@ -35,7 +38,7 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def _load(path: Path) -> Any:
+def _load(path: Path) -> Dataset:
     try:
         return load_dataset(path)
     except DatasetError as e:
@@ -57,6 +60,31 @@ def hardware() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def write_results(
+    out: Path,
+    ds: Dataset,
+    config: dict[str, Any],
+    result: FitResult,
+    test: dict[str, float],
+    start: float,
+) -> None:
+    """`OUT/results.json`: command, config, selection, test metrics, wall time, hardware."""
+    summary = {
+        "command": "bbqrec " + " ".join(sys.argv[1:]),
+        "dataset": str(ds.root),
+        "config": config,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "valid": result.best_metrics,
+        "test": test,
+        "train_wall_seconds": round(result.wall_seconds, 1),
+        "total_wall_seconds": round(time.perf_counter() - start, 1),
+        "hardware": hardware(),
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    typer.echo(json.dumps({"valid": result.best_metrics, "test": test}, indent=2))
 
 
 def build_config(cls: type, section: dict[str, Any], **overrides: Any) -> Any:
@@ -151,20 +179,8 @@ def train_sasrec_cmd(
     train_cfg = build_config(TrainConfig, cfg.get("train", {}), seed=seed, epochs=epochs)
     start = time.perf_counter()
     _, result, test = train_sasrec(ds, model_cfg, train_cfg, out, device=device, progress=progress)
-    summary = {
-        "command": "bbqrec " + " ".join(sys.argv[1:]),
-        "dataset": str(ds.root),
-        "config": {"model": asdict(model_cfg), "train": asdict(train_cfg)},
-        "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run,
-        "valid": result.best_metrics,
-        "test": test,
-        "train_wall_seconds": round(result.wall_seconds, 1),
-        "total_wall_seconds": round(time.perf_counter() - start, 1),
-        "hardware": hardware(),
-    }
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    typer.echo(json.dumps({"valid": result.best_metrics, "test": test}, indent=2))
+    config_used = {"model": asdict(model_cfg), "train": asdict(train_cfg)}
+    write_results(out, ds, config_used, result, test, start)
 
 
 @app.command()
@@ -176,7 +192,6 @@ def evaluate(
     ] = None,
 ) -> None:
     """Full-ranking Recall/NDCG of a trained run's selected checkpoint (SASRec or generative)."""
-    from training.data import leave_one_out
     from training.generative import evaluate_generative, load_generative
     from training.loop import BEST, load_checkpoint
     from training.sasrec import evaluate_sasrec, load_sasrec
@@ -194,12 +209,13 @@ def evaluate(
         )
     if meta["kind"] == "sasrec":
         model, _ = load_sasrec(run)
-        metrics = evaluate_sasrec(model, ds, split)
+        loo = leave_one_out(ds, model.config.max_len)
+        metrics = evaluate_sasrec(model, loo.test if split == "test" else loo.valid)
     elif meta["kind"] == "generative":
         gen, tables, _ = load_generative(run)
-        target = leave_one_out(ds, gen.config.max_items)
+        loo = leave_one_out(ds, gen.config.max_items)
         metrics = evaluate_generative(
-            gen, tables, target.test if split == "test" else target.valid, meta["beam"]
+            gen, tables, loo.test if split == "test" else loo.valid, meta["beam"]
         )
     else:
         raise _fail(f"{run}: cannot evaluate a run of kind {meta['kind']!r}")
@@ -280,21 +296,13 @@ def train(
         device=device,
         progress=progress,
     )
-    summary = {
-        "command": "bbqrec " + " ".join(sys.argv[1:]),
-        "dataset": str(ds.root),
+    config_used = {
+        "model": asdict(model_cfg),
+        "train": asdict(train_cfg),
+        "beam": beam,
         "tokenizer": str(tokenizer),
-        "config": {"model": asdict(model_cfg), "train": asdict(train_cfg), "beam": beam},
-        "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run,
-        "valid": result.best_metrics,
-        "test": test,
-        "train_wall_seconds": round(result.wall_seconds, 1),
-        "total_wall_seconds": round(time.perf_counter() - start, 1),
-        "hardware": hardware(),
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    typer.echo(json.dumps({"valid": result.best_metrics, "test": test}, indent=2))
+    write_results(out, ds, config_used, result, test, start)
 
 
 # Tokenizer variants: BBQRec, the TIGER-style baseline and the ablations, as config overrides.

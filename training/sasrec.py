@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from model.sasrec import SASRec, SASRecConfig
-from training.data import Dataset, leave_one_out, training_windows
+from training.data import Dataset, EvalSplit, leave_one_out, training_windows
 from training.evaluation import evaluate
 from training.loop import BEST, FitResult, TrainConfig, fit, load_checkpoint, resolve_device
 
@@ -94,10 +94,8 @@ def load_sasrec(run_dir: Path, device: str = "cpu") -> tuple[SASRec, dict[str, A
     return model.to(device).eval(), ckpt
 
 
-def evaluate_sasrec(model: SASRec, dataset: Dataset, split_name: str) -> dict[str, float]:
-    split = leave_one_out(dataset, model.config.max_len)
-    target = {"valid": split.valid, "test": split.test}[split_name]
-    return evaluate(SASRecRanker(model), target)
+def evaluate_sasrec(model: SASRec, split: EvalSplit) -> dict[str, float]:
+    return evaluate(SASRecRanker(model), split)
 
 
 def item_embeddings(model: SASRec) -> np.ndarray:
