@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 import torch
@@ -346,49 +346,54 @@ def beam_search(
     model: GenerativeRecommender,
     sids: Tensor,
     view_codes: Tensor,
-    trie: Trie,
+    children: tuple[Tensor, ...],
     *,
-    k: int,
+    k: int | Tensor,
     beam: int,
     exclude: Tensor | None = None,
 ) -> BeamResult:
-    """Top-k items by trie-constrained beam search; only valid SIDs can be produced.
+    """Top-k items by beam search constrained to the trie `children` (`Trie.children`).
 
     `exclude` (B, E) item indices (-1 = none) are removed at the last step (already seen items).
-    With `beam` at least the number of valid prefixes at every depth the search is exhaustive.
+    The beam keeps max(beam, k) prefixes; with that at least the number of valid prefixes at
+    every depth the search is exhaustive. `k` may be a 0-d tensor and nothing branches on tensor
+    values, so the whole search exports to one ONNX graph with a runtime k.
     """
-    if beam < k:
+    if isinstance(k, int) and beam < k:
         raise ValueError(f"beam ({beam}) must be >= k ({k})")
     c = model.config
     B = sids.shape[0]
     device = sids.device
+    k_t = torch.as_tensor(k, dtype=torch.long, device=device)
+    width = torch.maximum(k_t, torch.tensor(beam, device=device))  # () beam width
     enc = model.encode(sids, view_codes)
     prefix_ids = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, W) trie prefix ids
     scores = torch.zeros(B, 1, device=device)  # (B, W)
     tokens = torch.full((B, 1, 1), c.bos, dtype=torch.long, device=device)  # (B, W, t)
     for d in range(c.sid_levels):
         W = prefix_ids.shape[1]
+        last = d == c.sid_levels - 1
+        keep = k_t if last else width
         logits = model.decode(enc, tokens.reshape(B * W, d + 1))[:, d]  # (B*W, K)
         logp = torch.log_softmax(logits.float(), dim=-1).view(B, W, c.codebook_size)
-        nxt = trie.children[d][prefix_ids.clamp(min=0)]  # (B, W, K)
+        nxt = children[d][prefix_ids.clamp(min=0)]  # (B, W, K)
         valid = (nxt >= 0) & (prefix_ids >= 0).unsqueeze(-1)
-        if d == c.sid_levels - 1 and exclude is not None:
+        if last and exclude is not None:
             seen = (nxt.unsqueeze(-1) == exclude[:, None, None, :]).any(dim=-1)
-            valid &= ~seen
-        cand = torch.where(valid, scores.unsqueeze(-1) + logp, NEG).view(B, W * c.codebook_size)
-        width = min(beam if d < c.sid_levels - 1 else k, cand.shape[1])
-        scores, flat = cand.topk(width, dim=-1)  # (B, W')
-        parent, code = flat // c.codebook_size, flat % c.codebook_size
-        chosen = nxt.view(B, -1).gather(1, flat)
-        prefix_ids = torch.where(scores > NEG / 2, chosen, -1)
-        level_tok = 1 + d * c.codebook_size + code
-        tokens = torch.cat(
-            [tokens.gather(1, parent.unsqueeze(-1).expand(-1, -1, d + 1)), level_tok.unsqueeze(-1)],
-            dim=-1,
+            valid = valid & ~seen
+        cand = torch.where(valid, scores.unsqueeze(-1) + logp, NEG).reshape(B, -1)  # (B, W*K)
+        # Pad with `keep` dead candidates so topk(keep) is valid even for tiny catalogues.
+        # (`keep` is a 0-d tensor: it stays symbolic in an exported graph; torch accepts it as a
+        # size at run time, the stubs only know ints.)
+        pad_scores = torch.full_like(cand[:, :1], NEG).expand(B, cast(int, keep))
+        cand = torch.cat([cand, pad_scores], dim=1)
+        cand_ids = torch.cat(
+            [nxt.reshape(B, -1), torch.full_like(pad_scores, -1, dtype=torch.long)], 1
         )
-    items = prefix_ids
-    if items.shape[1] < k:  # a catalogue smaller than k
-        pad = k - items.shape[1]
-        items = F.pad(items, (0, pad), value=-1)
-        scores = F.pad(scores, (0, pad), value=NEG)
-    return BeamResult(items=items, scores=scores)
+        scores, flat = cand.topk(keep, dim=-1)  # (B, W')
+        prefix_ids = torch.where(scores > NEG / 2, cand_ids.gather(1, flat), -1)
+        parent = (flat // c.codebook_size).clamp(max=W - 1)  # padded candidates: any parent
+        level_tok = 1 + d * c.codebook_size + flat % c.codebook_size
+        history = tokens.gather(1, parent.unsqueeze(-1).expand(-1, -1, d + 1))
+        tokens = torch.cat([history, level_tok.unsqueeze(-1)], dim=-1)
+    return BeamResult(items=prefix_ids, scores=scores)

@@ -71,7 +71,7 @@ class GenerativeRanker:
             self.model,
             torch.from_numpy(sids).to(device),
             torch.from_numpy(codes).to(device),
-            self.trie,
+            self.trie.children,
             k=k,
             beam=max(self.beam, k),
         )

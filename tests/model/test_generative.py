@@ -141,7 +141,9 @@ def test_full_beam_equals_exhaustive_scoring() -> None:
     model = GenerativeRecommender(config()).eval()
     sids, codes = histories()
     expected = exhaustive_scores(model, sids, codes)
-    result = beam_search(model, sids, codes, Trie.from_sids(SIDS, K), k=len(SIDS), beam=len(SIDS))
+    result = beam_search(
+        model, sids, codes, Trie.from_sids(SIDS, K).children, k=len(SIDS), beam=len(SIDS)
+    )
     for b in range(len(sids)):
         order = torch.argsort(expected[b], descending=True)
         assert result.items[b].tolist() == order.tolist()
@@ -153,7 +155,9 @@ def test_beam_returns_valid_distinct_sorted_items_and_excludes_seen() -> None:
     model = GenerativeRecommender(config()).eval()
     sids, codes = histories()
     exclude = torch.tensor([[0, 3, 4, -1, -1], [1, 2, 5, 6, 9], [7, -1, -1, -1, -1], [-1] * 5])
-    result = beam_search(model, sids, codes, Trie.from_sids(SIDS, K), k=4, beam=4, exclude=exclude)
+    result = beam_search(
+        model, sids, codes, Trie.from_sids(SIDS, K).children, k=4, beam=4, exclude=exclude
+    )
     for b in range(len(sids)):
         items = [i for i in result.items[b].tolist() if i >= 0]
         assert len(items) == len(set(items))
@@ -168,7 +172,7 @@ def test_beam_smaller_than_k_is_refused() -> None:
     model = GenerativeRecommender(config()).eval()
     sids, codes = histories()
     with pytest.raises(ValueError, match="beam"):
-        beam_search(model, sids, codes, Trie.from_sids(SIDS, K), k=5, beam=3)
+        beam_search(model, sids, codes, Trie.from_sids(SIDS, K).children, k=5, beam=3)
 
 
 def test_all_padding_history_is_finite() -> None:
