@@ -373,7 +373,9 @@ def beam_search(
     for d in range(c.sid_levels):
         W = prefix_ids.shape[1]
         last = d == c.sid_levels - 1
-        keep = k_t if last else width
+        # `keep` is a 0-d tensor: it stays symbolic in an exported graph; torch takes it as a
+        # size at run time, its type stubs only know ints.
+        keep = cast(int, k_t if last else width)
         logits = model.decode(enc, tokens.reshape(B * W, d + 1))[:, d]  # (B*W, K)
         logp = torch.log_softmax(logits.float(), dim=-1).view(B, W, c.codebook_size)
         nxt = children[d][prefix_ids.clamp(min=0)]  # (B, W, K)
@@ -383,9 +385,7 @@ def beam_search(
             valid = valid & ~seen
         cand = torch.where(valid, scores.unsqueeze(-1) + logp, NEG).reshape(B, -1)  # (B, W*K)
         # Pad with `keep` dead candidates so topk(keep) is valid even for tiny catalogues.
-        # (`keep` is a 0-d tensor: it stays symbolic in an exported graph; torch accepts it as a
-        # size at run time, the stubs only know ints.)
-        pad_scores = torch.full_like(cand[:, :1], NEG).expand(B, cast(int, keep))
+        pad_scores = torch.full_like(cand[:, :1], NEG).expand(B, keep)
         cand = torch.cat([cand, pad_scores], dim=1)
         cand_ids = torch.cat(
             [nxt.reshape(B, -1), torch.full_like(pad_scores, -1, dtype=torch.long)], 1
