@@ -78,7 +78,9 @@ def shared_prefix_length(codes: Tensor) -> Tensor:
     """(B, M, V, L) codes -> (B, V, M, M): leading codes items i and j share, per view."""
     c = codes.permute(0, 2, 1, 3)  # (B, V, M, L)
     equal = (c.unsqueeze(3) == c.unsqueeze(2)) & (c.unsqueeze(3) >= 0)  # (B, V, M, M, L)
-    return equal.long().cumprod(dim=-1).sum(dim=-1)  # (B, V, M, M)
+    # leading run of matches = positions before the first mismatch (CumSum exports; CumProd not)
+    mismatches_so_far = torch.cumsum((~equal).long(), dim=-1)
+    return (mismatches_so_far == 0).long().sum(dim=-1)  # (B, V, M, M)
 
 
 def relative_bucket(
