@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.trie import trie_tables
+
 NEG = -1e9  # large finite negative: fully masked rows stay finite (and float16-safe in export)
 
 
@@ -312,27 +314,13 @@ class GenerativeRecommender(nn.Module):
 
 @dataclass(frozen=True)
 class Trie:
-    """Valid SIDs as dense transition tables: `children[d][p, c]` is the id of prefix p extended by
-    code c at depth d (-1 if no item has that prefix); at the last depth it is the item index."""
+    """Valid SIDs as dense transition tables (`model.trie.trie_tables`) on a torch device."""
 
     children: tuple[Tensor, ...]  # D tensors (P_d, K) int64; P_0 = 1 (the empty prefix)
 
     @staticmethod
     def from_sids(sids: np.ndarray, codebook_size: int) -> Trie:
-        n, depth = sids.shape
-        prefix = np.zeros(n, dtype=np.int64)  # every item starts at the root prefix 0
-        children = []
-        for d in range(depth):
-            pairs = prefix * codebook_size + sids[:, d]
-            table = np.full((int(prefix.max()) + 1, codebook_size), -1, dtype=np.int64)
-            if d == depth - 1:
-                table.reshape(-1)[pairs] = np.arange(n)
-            else:
-                unique, new_prefix = np.unique(pairs, return_inverse=True)
-                table.reshape(-1)[unique] = np.arange(len(unique))
-                prefix = new_prefix.reshape(-1)
-            children.append(torch.from_numpy(table))
-        return Trie(children=tuple(children))
+        return Trie(children=tuple(torch.from_numpy(t) for t in trie_tables(sids, codebook_size)))
 
     def to(self, device: torch.device) -> Trie:
         return Trie(children=tuple(t.to(device) for t in self.children))
