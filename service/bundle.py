@@ -80,6 +80,19 @@ class Catalogue:
         self.index = {item: i for i, item in enumerate(self.item_ids)}
         self.trie = trie_tables(self.sids, self.codebook_size)
 
+    def add_item(self, item_id: str, sid: np.ndarray, view_codes: np.ndarray) -> int:
+        """Append a new item (recommendable at once: the tables are graph inputs); its index."""
+        if item_id in self.index:
+            raise ValueError(f"item {item_id!r} already exists")
+        self.item_ids.append(item_id)
+        self.sids = np.concatenate([self.sids, np.asarray(sid, dtype=np.int64)[None]])
+        self.view_codes = np.concatenate(
+            [self.view_codes, np.asarray(view_codes, dtype=np.int64)[None]]
+        )
+        self.popularity = np.concatenate([self.popularity, np.zeros(1, dtype=np.int64)])
+        self.__post_init__()
+        return len(self.item_ids) - 1
+
 
 class Bundle:
     """A loaded bundle: ORT sessions, the manifest and the catalogue tables."""

@@ -185,19 +185,43 @@ def train_sasrec_cmd(
 
 @app.command()
 def evaluate(
-    run: Annotated[Path, typer.Option(help="Run directory written by a train command.")],
+    run: Annotated[
+        Path | None, typer.Option(help="Run directory written by a train command.")
+    ] = None,
+    bundle: Annotated[
+        Path | None, typer.Option(help="Exported bundle: evaluated through ONNX Runtime.")
+    ] = None,
     split: Annotated[str, typer.Option(help="valid | test")] = "test",
     dataset: Annotated[
         Path | None, typer.Option(help="Dataset (default: the one the run was trained on).")
     ] = None,
 ) -> None:
-    """Full-ranking Recall/NDCG of a trained run's selected checkpoint (SASRec or generative)."""
+    """Full-ranking Recall/NDCG of a run's selected checkpoint (SASRec or generative) or of an
+    exported bundle."""
+    from training.evaluation import evaluate as evaluate_ranker
     from training.generative import evaluate_generative, load_generative
     from training.loop import BEST, load_checkpoint
     from training.sasrec import evaluate_sasrec, load_sasrec
 
     if split not in ("valid", "test"):
         raise _fail(f"--split must be 'valid' or 'test', got {split!r}")
+    if (run is None) == (bundle is None):
+        raise _fail("give exactly one of --run and --bundle")
+    if bundle is not None:
+        from service.bundle import Bundle, BundleError
+
+        try:
+            loaded = Bundle(bundle)
+        except BundleError as e:
+            raise _fail(str(e)) from e
+        ds = _load(dataset or Path(loaded.manifest["dataset"]["path"]))
+        if list(ds.item_ids) != loaded.catalogue.item_ids:
+            raise _fail(f"{ds.root} is not the catalogue the bundle was exported with")
+        loo = leave_one_out(ds, loaded.max_history)
+        metrics = evaluate_ranker(loaded, loo.test if split == "test" else loo.valid)
+        typer.echo(json.dumps(metrics, indent=2))
+        return
+    assert run is not None
     try:
         meta = load_checkpoint(run / BEST)["meta"]
     except (FileNotFoundError, ValueError) as e:
@@ -220,6 +244,27 @@ def evaluate(
     else:
         raise _fail(f"{run}: cannot evaluate a run of kind {meta['kind']!r}")
     typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Option(help="Generative run directory.")],
+    out: Annotated[Path, typer.Option(help="Bundle directory to write.")],
+    dataset: Annotated[
+        Path | None, typer.Option(help="Dataset (default: the one the run was trained on).")
+    ] = None,
+) -> None:
+    """Export a generative run to a versioned, self-describing ONNX bundle."""
+    from training.export import export_bundle
+    from training.loop import BEST, load_checkpoint
+
+    try:
+        meta = load_checkpoint(run / BEST)["meta"]
+        ds = _load(dataset or Path(meta["dataset"]))
+        manifest = export_bundle(run, out, ds)
+    except (FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from e
+    typer.echo(json.dumps({k: manifest[k] for k in ("model_version", "files")}, indent=2))
 
 
 # Generative-model variants: the full model and the model-side ablations.

@@ -23,6 +23,7 @@ import hashlib
 import json
 import subprocess
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,23 @@ def popularity(dataset: Dataset, max_len: int) -> np.ndarray:
     return counts
 
 
+def _export(module: nn.Module, args: tuple[Tensor, ...], path: str, **kwargs: Any) -> None:
+    """The TorchScript-based exporter with constant folding off (keeps k and the tables as graph
+    inputs). torch deprecates it in favour of the dynamo exporter, which needs explicit dynamic
+    shapes for the beam's data-dependent sizes; torch is pinned, see docs/METHOD.md."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(
+            module,
+            args,
+            path,
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=False,
+            **kwargs,
+        )
+
+
 def export_bundle(run: Path, out: Path, dataset: Dataset) -> dict[str, Any]:
     """Write the bundle of generative run `run` (trained on `dataset`); return its manifest."""
     model, tables, ckpt = load_generative(run)
@@ -149,16 +167,13 @@ def export_bundle(run: Path, out: Path, dataset: Dataset) -> dict[str, Any]:
         "scores": {0: "batch", 1: "k"},
         **{name: {0: f"prefixes_{d}"} for d, name in enumerate(trie_names)},
     }
-    torch.onnx.export(
+    _export(
         graph,
         example,
         str(out / RECOMMENDER),
         input_names=[*RECOMMENDER_INPUTS, *trie_names],
         output_names=list(RECOMMENDER_OUTPUTS),
         dynamic_axes=dynamic,
-        opset_version=OPSET,
-        dynamo=False,
-        do_constant_folding=False,
     )
 
     # quantizer.onnx
@@ -166,16 +181,13 @@ def export_bundle(run: Path, out: Path, dataset: Dataset) -> dict[str, Any]:
     qgraph = QuantizerGraph(tokenizer.model).eval()
     q_example = tuple(torch.randn(2, dim) for _, dim in modalities)
     q_inputs = [f"features_{name}" for name, _ in modalities]
-    torch.onnx.export(
+    _export(
         qgraph,
         q_example,
         str(out / QUANTIZER),
         input_names=q_inputs,
         output_names=["codes"],
         dynamic_axes={**{n: {0: "batch"} for n in q_inputs}, "codes": {0: "batch"}},
-        opset_version=OPSET,
-        dynamo=False,
-        do_constant_folding=False,
     )
 
     (out / "item_ids.txt").write_text("\n".join(dataset.item_ids) + "\n")
@@ -191,7 +203,7 @@ def export_bundle(run: Path, out: Path, dataset: Dataset) -> dict[str, Any]:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_sha": git_sha(),
         "versions": {"torch": torch.__version__, "onnx_opset": OPSET},
-        "dataset": {"name": dataset.name, "items": dataset.num_items},
+        "dataset": {"name": dataset.name, "path": str(dataset.root), "items": dataset.num_items},
         "model_config": ckpt["model_config"],
         "tokenizer_config": {**tokenizer.meta, "config": asdict(tokenizer.config)},
         "sid_depth": c.sid_levels,

@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from model.generative import Trie, beam_search
+from service.bundle import Bundle, BundleError, Catalogue
+from training.cli import app
+from training.data import PAD, left_pad, load_dataset
+from training.generative import load_generative
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("export")
+    tok_cfg = root / "tok.json"
+    tok_cfg.write_text(
+        json.dumps({"tokenizer": {"code_dim": 8, "hidden": 32, "levels": 2, "codebook_size": 64}})
+    )
+    gen_cfg = root / "gen.json"
+    gen_cfg.write_text(
+        json.dumps(
+            {
+                "model": {
+                    "d_model": 16,
+                    "heads": 2,
+                    "d_kv": 8,
+                    "d_ff": 32,
+                    "encoder_layers": 1,
+                    "decoder_layers": 1,
+                }
+            }
+        )
+    )
+    for args in (
+        [
+            "tokenize",
+            "--out",
+            str(root / "tok"),
+            "--variant",
+            "no-id",
+            "--config",
+            str(tok_cfg),
+            "--modalities",
+            "clip_vitb32_image,clip_vitb32_text",
+            "--epochs",
+            "2",
+        ],
+        [
+            "train",
+            "--out",
+            str(root / "run"),
+            "--tokenizer",
+            str(root / "tok"),
+            "--config",
+            str(gen_cfg),
+            "--epochs",
+            "1",
+        ],
+        ["export", "--run", str(root / "run"), "--out", str(root / "bundle")],
+    ):
+        result = runner.invoke(app, [*args, "--no-progress"] if args[0] != "export" else args)
+        assert result.exit_code == 0, result.output
+    return root / "run", root / "bundle"
+
+
+def histories(batch: int, max_len: int, rng: np.random.Generator, n: int) -> np.ndarray:
+    """Lengths cycling through 0 (all padding) .. max_len."""
+    rows = [rng.integers(0, n, size=b % (max_len + 1)) for b in range(batch)]
+    return left_pad(rows, max_len)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_onnx_runtime_equals_pytorch_beam_search(
+    exported: tuple[Path, Path], batch: int, k: int
+) -> None:
+    run, bundle_dir = exported
+    model, tables, ckpt = load_generative(run)
+    bundle = Bundle(bundle_dir)
+    rng = np.random.default_rng(batch * 1000 + k)
+    h = histories(batch, model.config.max_items, rng, len(tables.sids))
+    exclude = np.where(rng.random(h.shape) < 0.5, h, PAD)
+    items, scores = bundle.recommend(h, k, exclude)
+    sids, codes = tables.gather(h)
+    ref = beam_search(
+        model,
+        torch.from_numpy(sids),
+        torch.from_numpy(codes),
+        Trie.from_sids(tables.sids, model.config.codebook_size).children,
+        k=k,
+        beam=max(ckpt["meta"]["beam"], k),
+        exclude=torch.from_numpy(exclude),
+    )
+    assert items.shape == (batch, k)
+    assert np.array_equal(items, ref.items.numpy())
+    assert np.abs(scores - ref.scores.numpy()).max() < 1e-4
+    for row, ex in zip(items, exclude, strict=True):
+        assert not set(row.tolist()) & set(ex[ex >= 0].tolist())
+
+
+def test_bundle_evaluation_equals_pytorch_evaluation(exported: tuple[Path, Path]) -> None:
+    run, bundle_dir = exported
+    by_run = runner.invoke(app, ["evaluate", "--run", str(run), "--split", "valid"])
+    by_bundle = runner.invoke(app, ["evaluate", "--bundle", str(bundle_dir), "--split", "valid"])
+    assert by_run.exit_code == 0, by_run.output
+    assert by_bundle.exit_code == 0, by_bundle.output
+    a, b = json.loads(by_run.output), json.loads(by_bundle.output)
+    assert max(abs(a[key] - b[key]) for key in a) < 1e-6
+
+
+def test_manifest_describes_the_bundle(exported: tuple[Path, Path]) -> None:
+    _, bundle_dir = exported
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["sid_depth"] == 3
+    assert manifest["codebook_size"] == 64
+    assert manifest["versions"]["onnx_opset"] >= 18
+    assert set(manifest["files"]) >= {
+        "recommender.onnx",
+        "quantizer.onnx",
+        "sids.npy",
+        "item_ids.txt",
+        "view_codes.npy",
+        "popularity.npy",
+    }
+    assert manifest["training"]["test"]["users"] == 2928
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing", "version"])
+def test_damaged_bundles_are_refused(
+    exported: tuple[Path, Path], tmp_path: Path, damage: str
+) -> None:
+    _, bundle_dir = exported
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    if damage == "corrupt":
+        with (copy / "sids.npy").open("r+b") as f:
+            f.seek(-1, 2)
+            f.write(b"\x07")
+        match = r"sids\.npy: sha256 does not match"
+    elif damage == "missing":
+        (copy / "quantizer.onnx").unlink()
+        match = r"quantizer\.onnx: listed in the manifest but missing"
+    else:
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["format_version"] = 99
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        match = "format version 99"
+    with pytest.raises(BundleError, match=match):
+        Bundle(copy)
+
+
+def test_an_item_added_through_the_tables_is_recommended(exported: tuple[Path, Path]) -> None:
+    _, bundle_dir = exported
+    bundle = Bundle(bundle_dir)
+    cat = bundle.catalogue
+    h = left_pad([np.array([3, 17, 42])], bundle.max_history)
+    best = int(bundle.recommend(h, 1)[0][0, 0])
+    # serve a catalogue without the best item: it cannot be returned
+    keep = [i for i in range(len(cat.item_ids)) if i != best]
+    bundle.catalogue = Catalogue(
+        item_ids=[cat.item_ids[i] for i in keep],
+        sids=cat.sids[keep],
+        view_codes=cat.view_codes[keep],
+        popularity=cat.popularity[keep],
+        codebook_size=cat.codebook_size,
+    )
+    remapped = np.array([[keep.index(i) if i >= 0 else PAD for i in h[0]]])
+    top = int(bundle.recommend(remapped, 1)[0][0, 0])
+    assert bundle.catalogue.item_ids[top] != cat.item_ids[best]
+    # add it back as a new item at the end of the tables: now it is the top recommendation
+    new = bundle.catalogue.add_item("new-item", cat.sids[best], cat.view_codes[best])
+    assert new == len(keep)
+    assert int(bundle.recommend(remapped, 1)[0][0, 0]) == new
+
+
+def test_quantizer_gives_codes_for_new_items(exported: tuple[Path, Path]) -> None:
+    _, bundle_dir = exported
+    bundle = Bundle(bundle_dir)
+    ds = load_dataset()
+    feats = {m: ds.features[m][:5] for m in ("clip_vitb32_image", "clip_vitb32_text")}
+    codes = bundle.quantize(feats)
+    assert codes.shape == (5, 2)
+    assert ((codes >= 0) & (codes < 64)).all()
+    with pytest.raises(ValueError, match="missing modality"):
+        bundle.quantize({"clip_vitb32_image": feats["clip_vitb32_image"]})
