@@ -267,6 +267,40 @@ def export_cmd(
     typer.echo(json.dumps({k: manifest[k] for k in ("model_version", "files")}, indent=2))
 
 
+@app.command("bench-model")
+def bench_model(
+    run: Annotated[Path, typer.Option(help="Generative run directory.")],
+    bundle: Annotated[
+        Path | None, typer.Option(help="Its exported bundle (default: export to a temp dir).")
+    ] = None,
+    batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,64",
+    ks: Annotated[str, typer.Option("--k", help="Comma-separated k values.")] = "10,100",
+    repeats: Annotated[int, typer.Option(help="Timed calls per configuration.")] = 50,
+) -> None:
+    """p50/p99 latency of PyTorch eager vs ONNX Runtime CPU (1 and 2 threads), one run."""
+    import tempfile
+
+    from training.bench import bench, markdown
+    from training.export import export_bundle
+    from training.loop import BEST, load_checkpoint
+
+    meta = load_checkpoint(run / BEST)["meta"]
+    ds = _load(Path(meta["dataset"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle_dir = bundle or Path(tmp) / "bundle"
+        if bundle is None:
+            export_bundle(run, bundle_dir, ds)
+        results = bench(
+            run,
+            bundle_dir,
+            ds,
+            batches=[int(b) for b in batches.split(",")],
+            ks=[int(k) for k in ks.split(",")],
+            repeats=repeats,
+        )
+    typer.echo(markdown(results))
+
+
 # Generative-model variants: the full model and the model-side ablations.
 GENERATIVE_VARIANTS: dict[str, dict[str, Any]] = {
     "bbqrec": {},

@@ -193,3 +193,15 @@ def test_quantizer_gives_codes_for_new_items(exported: tuple[Path, Path]) -> Non
     assert ((codes >= 0) & (codes < 64)).all()
     with pytest.raises(ValueError, match="missing modality"):
         bundle.quantize({"clip_vitb32_image": feats["clip_vitb32_image"]})
+
+
+def test_bench_measures_every_configuration(exported: tuple[Path, Path]) -> None:
+    from training.bench import bench, markdown
+
+    run, bundle_dir = exported
+    results = bench(run, bundle_dir, load_dataset(), batches=[1, 2], ks=[1, 5], repeats=2)
+    assert {(r.batch, r.k, r.threads) for r in results} == {
+        (b, k, t) for b in (1, 2) for k in (1, 5) for t in (1, 2)
+    }
+    assert all(r.eager_ms[0] > 0 and r.ort_ms[0] > 0 for r in results)
+    assert markdown(results).count("\n") == len(results) + 1
