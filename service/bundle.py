@@ -93,6 +93,15 @@ class Catalogue:
         self.__post_init__()
         return len(self.item_ids) - 1
 
+    def next_extra(self, codes: np.ndarray) -> int:
+        """Smallest extra-level index not yet used under this SID prefix (deterministic)."""
+        prefix = np.asarray(codes, dtype=np.int64)
+        used = set(self.sids[(self.sids[:, :-1] == prefix).all(axis=1), -1].tolist())
+        free = next((j for j in range(self.codebook_size) if j not in used), None)
+        if free is None:
+            raise ValueError(f"SID prefix {prefix.tolist()} holds {self.codebook_size} items")
+        return free
+
 
 class Bundle:
     """A loaded bundle: ORT sessions, the manifest and the catalogue tables."""
@@ -155,8 +164,9 @@ class Bundle:
         """The `training.evaluation.Ranker` protocol: evaluate the bundle through ONNX Runtime."""
         return self.recommend(histories, k)[0]
 
-    def quantize(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        """(B, L) codes of new items' content-only fused views from their modality features."""
+    def quantize(self, features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """For new items known by their modality features: (B, L) codes of the content-only
+        fused view (the SID prefix) and (B, V, L) codes per similarity view (-1 = absent)."""
         feed = {}
         for mod in self.manifest["modalities"]:
             if mod["name"] not in features:
@@ -167,5 +177,5 @@ class Bundle:
                     f"modality {mod['name']!r} needs dim {mod['dim']}, got {x.shape[1]}"
                 )
             feed[mod["input"]] = x
-        (codes,) = self.quantizer.run(None, feed)
-        return np.asarray(codes, dtype=np.int64)
+        codes, view_codes = self.quantizer.run(None, feed)
+        return np.asarray(codes, dtype=np.int64), np.asarray(view_codes, dtype=np.int64)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.generative import GenerativeRecommender, Trie, beam_search
-from model.tokenizer import BBQTokenizer
+from model.tokenizer import FUSED_VIEW, BBQTokenizer
 from training.data import Dataset, leave_one_out
 from training.generative import load_generative
 from training.tokenize import Tokenizer
@@ -75,16 +75,26 @@ class RecommenderGraph(nn.Module):
 
 
 class QuantizerGraph(nn.Module):
-    """What `quantizer.onnx` computes: L2-normalised features -> content-only fused codes."""
+    """What `quantizer.onnx` computes for new items: L2-normalised features -> the codes of the
+    content-only fused view (the SID prefix) and of every similarity view; a view a new item
+    cannot have (the behaviour view z_ID) gets -1 codes, which match nothing."""
 
-    def __init__(self, tokenizer: BBQTokenizer) -> None:
+    def __init__(self, tokenizer: BBQTokenizer, views: tuple[str, ...]) -> None:
         super().__init__()
-        self.tokenizer = tokenizer
+        self.tokenizer, self.views = tokenizer, views
 
-    def forward(self, *features: Tensor) -> Tensor:
-        names = self.tokenizer.names
-        feats = {m: F.normalize(x, dim=-1) for m, x in zip(names, features, strict=True)}
-        return self.tokenizer.codes(feats, None)
+    def forward(self, *features: Tensor) -> tuple[Tensor, Tensor]:
+        tok = self.tokenizer
+        feats = {m: F.normalize(x, dim=-1) for m, x in zip(tok.names, features, strict=True)}
+        content = tok.behaviour_views(feats, None)
+        fused = tok.fuse(content)
+        codes = tok.quantizer(FUSED_VIEW)(fused).codes  # (B, L)
+        content.setdefault(FUSED_VIEW, fused)
+        per_view = [
+            tok.quantizer(v)(content[v]).codes if v in content else torch.full_like(codes, -1)
+            for v in self.views
+        ]
+        return codes, torch.stack(per_view, dim=1)  # (B, L), (B, V, L)
 
 
 def sha256(path: Path) -> str:
@@ -178,7 +188,7 @@ def export_bundle(run: Path, out: Path, dataset: Dataset) -> dict[str, Any]:
 
     # quantizer.onnx
     modalities = list(tokenizer.config.modalities)
-    qgraph = QuantizerGraph(tokenizer.model).eval()
+    qgraph = QuantizerGraph(tokenizer.model, tokenizer.view_names).eval()
     q_example = tuple(torch.randn(2, dim) for _, dim in modalities)
     q_inputs = [f"features_{name}" for name, _ in modalities]
     _export(
@@ -186,8 +196,12 @@ def export_bundle(run: Path, out: Path, dataset: Dataset) -> dict[str, Any]:
         q_example,
         str(out / QUANTIZER),
         input_names=q_inputs,
-        output_names=["codes"],
-        dynamic_axes={**{n: {0: "batch"} for n in q_inputs}, "codes": {0: "batch"}},
+        output_names=["codes", "view_codes"],
+        dynamic_axes={
+            **{n: {0: "batch"} for n in q_inputs},
+            "codes": {0: "batch"},
+            "view_codes": {0: "batch"},
+        },
     )
 
     (out / "item_ids.txt").write_text("\n".join(dataset.item_ids) + "\n")
@@ -229,7 +243,10 @@ def export_bundle(run: Path, out: Path, dataset: Dataset) -> dict[str, Any]:
         "quantizer": {
             "file": QUANTIZER,
             "inputs": q_inputs,
-            "outputs": {"codes": ["batch", tokenizer.config.levels]},
+            "outputs": {
+                "codes": ["batch", tokenizer.config.levels],
+                "view_codes": ["batch", len(tokenizer.view_names), tokenizer.config.levels],
+            },
         },
         "training": json.loads(results_path.read_text()) if results_path.exists() else None,
         "files": {name: sha256(out / name) for name in files},

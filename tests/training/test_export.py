@@ -188,9 +188,14 @@ def test_quantizer_gives_codes_for_new_items(exported: tuple[Path, Path]) -> Non
     bundle = Bundle(bundle_dir)
     ds = load_dataset()
     feats = {m: ds.features[m][:5] for m in ("clip_vitb32_image", "clip_vitb32_text")}
-    codes = bundle.quantize(feats)
+    codes, view_codes = bundle.quantize(feats)
     assert codes.shape == (5, 2)
     assert ((codes >= 0) & (codes < 64)).all()
+    assert view_codes.shape == (5, 2, 2)  # the no-id tokenizer: image and text views
+    assert ((view_codes >= 0) & (view_codes < 64)).all()
+    extra = bundle.catalogue.next_extra(codes[0])
+    assert 0 <= extra < 64
+    assert not (bundle.catalogue.sids == np.array([*codes[0], extra])).all(axis=1).any()
     with pytest.raises(ValueError, match="missing modality"):
         bundle.quantize({"clip_vitb32_image": feats["clip_vitb32_image"]})
 
