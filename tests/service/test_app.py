@@ -1,0 +1,228 @@
+"""The service against a real Redis server (127.0.0.1:6379, database 15; CI starts one)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from training.data import load_dataset
+
+REDIS_URL = "redis://127.0.0.1:6379/15"
+MODALITIES = ("clip_vitb32_image", "clip_vitb32_text")
+
+
+@pytest.fixture
+def bundle_dir(exported: tuple[Path, Path]) -> Path:
+    return exported[1]
+
+
+@pytest.fixture
+def clean_redis() -> Iterator[None]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield
+    client.flushdb()
+
+
+def make_client(bundle_dir: Path, **overrides: Any) -> TestClient:
+    settings = Settings(bundle_path=bundle_dir, **({"redis_url": REDIS_URL} | overrides))
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture
+def client(bundle_dir: Path, clean_redis: None) -> Iterator[TestClient]:
+    with make_client(bundle_dir) as c:
+        yield c
+
+
+def item_ids() -> tuple[str, ...]:
+    return load_dataset().item_ids
+
+
+def test_recommend_uses_the_stored_history_and_excludes_seen(client: TestClient) -> None:
+    ids = item_ids()
+    seen = [ids[3], ids[17], ids[42]]
+    r = client.post("/events", json={"events": [{"user_id": "u1", "item_id": i} for i in seen]})
+    assert r.status_code == 200
+    assert r.json() == {"accepted": 3}
+    assert client.get("/users/u1/history").json()["items"] == seen
+
+    r = client.post("/recommend", json={"user_id": "u1", "k": 20})
+    assert r.status_code == 200
+    body = r.json()
+    assert len(body["items"]) == 20
+    assert body["history_length"] == 3
+    assert not body["cold_start"]
+    assert not {i["item_id"] for i in body["items"]} & set(seen)
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(len(i["semantic_id"]) == 3 for i in body["items"])
+    assert body["model_version"]
+
+
+def test_explicit_history_is_used_as_given(client: TestClient) -> None:
+    ids = item_ids()
+    a = client.post("/recommend", json={"user_id": "nobody", "history": [ids[5], ids[6]]}).json()
+    b = client.post("/recommend", json={"user_id": "other", "history": [ids[5], ids[6]]}).json()
+    assert a["items"] == b["items"]
+    assert not a["cold_start"]
+
+
+def test_cold_start_answers_by_popularity_and_is_counted(client: TestClient) -> None:
+    r = client.post("/recommend", json={"user_id": "new-user", "k": 5})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["cold_start"]
+    assert len(body["items"]) == 5
+    pops = [i["score"] for i in body["items"]]
+    assert pops == sorted(pops, reverse=True)
+    assert "bbqrec_cold_start_total 1.0" in client.get("/metrics").text
+
+
+def test_unknown_items_are_refused_and_nothing_is_written(client: TestClient) -> None:
+    ids = item_ids()
+    r = client.post(
+        "/events",
+        json={
+            "events": [{"user_id": "u2", "item_id": ids[1]}, {"user_id": "u2", "item_id": "NOPE"}]
+        },
+    )
+    assert r.status_code == 422
+    assert r.json()["detail"]["unknown"] == ["NOPE"]
+    assert client.get("/users/u2/history").json()["items"] == []
+    r = client.post("/recommend", json={"user_id": "u2", "history": ["NOPE", ids[1]]})
+    assert r.status_code == 422
+    assert r.json()["detail"]["unknown"] == ["NOPE"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"user_id": "u", "k": 0},
+        {"user_id": "u", "k": 101},
+        {"user_id": ""},
+        {"k": 10},
+        {"user_id": "u", "history": ["x"] * 21},
+    ],
+)
+def test_bad_recommend_requests_get_422(client: TestClient, body: dict[str, Any]) -> None:
+    assert client.post("/recommend", json=body).status_code == 422
+
+
+def test_histories_are_capped(bundle_dir: Path, clean_redis: None) -> None:
+    ids = item_ids()
+    with make_client(bundle_dir, history_length=4) as c:
+        events = [{"user_id": "u", "item_id": ids[i]} for i in range(10)]
+        assert c.post("/events", json={"events": events}).status_code == 200
+        assert c.get("/users/u/history").json()["items"] == list(ids[6:10])
+
+
+def test_new_item_is_recommendable_at_once_and_survives_a_restart(
+    bundle_dir: Path, clean_redis: None
+) -> None:
+    ds = load_dataset()
+    ids = ds.item_ids
+    with make_client(bundle_dir) as c:
+        history = [ids[3], ids[17], ids[42]]
+        top = c.post("/recommend", json={"user_id": "x", "history": history, "k": 1}).json()
+        best = ds.item_ids.index(top["items"][0]["item_id"])
+        # a new item with the best item's content shares its SID prefix (a sibling in the trie)
+        features = {m: ds.features[m][best].tolist() for m in MODALITIES}
+        r = c.post("/items", json={"item_id": "NEW-1", "features": features})
+        assert r.status_code == 201, r.text
+        added = r.json()
+        assert added["added_at_serving_time"]
+        assert added["index"] == len(ids)
+        recs = c.post("/recommend", json={"user_id": "x", "history": history, "k": 100}).json()
+        assert "NEW-1" in [i["item_id"] for i in recs["items"]]
+        assert c.post("/items", json={"item_id": "NEW-1", "features": features}).status_code == 409
+        bad = {"clip_vitb32_image": features["clip_vitb32_image"]}
+        assert c.post("/items", json={"item_id": "NEW-2", "features": bad}).status_code == 422
+    with make_client(bundle_dir) as c:  # a restart restores it from Redis
+        again = c.get("/items/NEW-1")
+        assert again.status_code == 200
+        assert again.json()["semantic_id"] == added["semantic_id"]
+        assert c.get("/items/UNKNOWN").status_code == 404
+
+
+def test_readiness_reports_redis_down(bundle_dir: Path) -> None:
+    with make_client(bundle_dir, redis_url="redis://127.0.0.1:1/0") as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503
+        body = r.json()
+        assert body["redis"] is False
+        assert body["bundle_loaded"] is True
+        assert c.get("/healthz").status_code == 200
+        assert (
+            c.post(
+                "/events", json={"events": [{"user_id": "u", "item_id": item_ids()[0]}]}
+            ).status_code
+            == 503
+        )
+
+
+def test_ready_with_the_actual_provider(client: TestClient) -> None:
+    r = client.get("/readyz")
+    assert r.status_code == 200
+    assert r.json() == {
+        "ready": True,
+        "bundle_loaded": True,
+        "provider_requested": "cpu",
+        "provider_actual": "CPUExecutionProvider",
+        "redis": True,
+    }
+
+
+def test_write_routes_need_the_api_key(bundle_dir: Path, clean_redis: None) -> None:
+    event = {"events": [{"user_id": "u", "item_id": item_ids()[0]}]}
+    with make_client(bundle_dir, api_key="s3cret") as c:
+        assert c.post("/events", json=event).status_code == 401
+        assert c.post("/events", json=event, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert c.post("/events", json=event, headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert c.post("/recommend", json={"user_id": "u"}).status_code == 200  # reads are open
+
+
+def test_oversized_bodies_are_refused(bundle_dir: Path, clean_redis: None) -> None:
+    with make_client(bundle_dir, max_body_bytes=2048) as c:
+        big = {"events": [{"user_id": "u" * 100, "item_id": item_ids()[0]}] * 40}
+        assert c.post("/events", json=big).status_code == 413
+
+
+def test_metrics_use_route_templates_not_ids(client: TestClient) -> None:
+    client.get("/users/some-user-id/history")
+    text = client.get("/metrics").text
+    assert 'route="/users/{user_id}/history"' in text
+    assert "some-user-id" not in text
+    for name in (
+        "bbqrec_http_request_duration_seconds",
+        "bbqrec_batch_size",
+        "bbqrec_inference_seconds",
+        "bbqrec_queue_wait_seconds",
+        "bbqrec_model_info",
+    ):
+        assert name in text
+
+
+def test_embedded_redis_persists_events(bundle_dir: Path, tmp_path: Path) -> None:
+    settings = Settings(bundle_path=bundle_dir, data_dir=tmp_path / "data")
+    event = {"events": [{"user_id": "e", "item_id": item_ids()[7]}]}
+    with TestClient(create_app(settings)) as c:
+        assert c.post("/events", json=event).status_code == 200
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/users/e/history").json()["items"] == [item_ids()[7]]
+
+
+def test_settings_refuse_a_bad_deployment(tmp_path: Path, bundle_dir: Path) -> None:
+    with pytest.raises(ValueError, match="not an exported bundle"):
+        Settings(bundle_path=tmp_path)
+    with pytest.raises(ValueError, match="redis_url must start"):
+        Settings(bundle_path=bundle_dir, redis_url="http://x")
+    assert np.isfinite(Settings(bundle_path=bundle_dir).redis_timeout_s)
