@@ -3,7 +3,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_RUN ?= runs/demo/sasrec
 
 .PHONY: install demo test lint redis clean
 
@@ -20,12 +19,10 @@ install: $(STAMP)
 redis:
 	bash scripts/ensure_redis.sh
 
-# Main job (grows with the project): train SASRec on the embedded Scientific-mm dataset and
-# evaluate it with full ranking on the test split.
+# Main job: train on the embedded Scientific-mm dataset (SASRec -> tokenizer -> generative model,
+# quick profile) unless a bundle exists, export it, serve it with an embedded Redis.
 demo: install
-	$(BIN)/bbqrec data stats
-	$(BIN)/bbqrec train-sasrec --out $(DEMO_RUN) --config training/configs/sasrec.json
-	$(BIN)/bbqrec evaluate --run $(DEMO_RUN) --split test
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 test: install redis
 	$(BIN)/pytest -q

@@ -301,6 +301,32 @@ def bench_model(
     typer.echo(markdown(results))
 
 
+@app.command()
+def serve(
+    bundle: Annotated[Path, typer.Option(help="Exported bundle directory.")],
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis URL (default: BBQREC_REDIS_URL, else embedded).")
+    ] = None,
+) -> None:
+    """Serve a bundle over HTTP (other settings from BBQREC_* environment variables)."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides: dict[str, Any] = {"bundle_path": bundle}
+    if redis_url is not None:
+        overrides["redis_url"] = redis_url
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        raise _fail(str(e)) from e
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
 # Generative-model variants: the full model and the model-side ablations.
 GENERATIVE_VARIANTS: dict[str, dict[str, Any]] = {
     "bbqrec": {},
