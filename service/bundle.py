@@ -25,7 +25,7 @@ class BundleError(ValueError):
     """The bundle is missing, incomplete, corrupt or of another format."""
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -51,7 +51,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         file = path / name
         if not file.is_file():
             raise BundleError(f"{file}: listed in the manifest but missing")
-        if _sha256(file) != digest:
+        if sha256(file) != digest:
             raise BundleError(f"{file}: sha256 does not match the manifest (corrupt or replaced)")
     for required in ("recommender.onnx", "quantizer.onnx", "sids.npy", "item_ids.txt"):
         if required not in manifest.get("files", {}):

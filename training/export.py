@@ -19,7 +19,6 @@ keeps the runtime k and the tables as true graph inputs; see docs/METHOD.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import time
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 
 from model.generative import GenerativeRecommender, Trie, beam_search
 from model.tokenizer import FUSED_VIEW, BBQTokenizer
+from service.bundle import sha256
 from training.data import Dataset, leave_one_out
 from training.generative import load_generative
 from training.tokenize import Tokenizer
@@ -95,14 +95,6 @@ class QuantizerGraph(nn.Module):
             for v in self.views
         ]
         return codes, torch.stack(per_view, dim=1)  # (B, L), (B, V, L)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def git_sha() -> str | None:

@@ -4,44 +4,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from typer.testing import CliRunner
 
+from tests.conftest import TINY_GENERATIVE
 from training.cli import app
 from training.generative import CatalogueTables
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("gen")
-    cfg = root / "tok.json"
-    cfg.write_text(
-        json.dumps({"tokenizer": {"code_dim": 8, "hidden": 32, "levels": 2, "codebook_size": 64}})
-    )
-    out = root / "tok"
-    result = runner.invoke(
-        app,
-        [
-            "tokenize",
-            "--out",
-            str(out),
-            "--variant",
-            "no-id",
-            "--config",
-            str(cfg),
-            "--modalities",
-            "clip_vitb32_image,clip_vitb32_text",
-            "--epochs",
-            "2",
-            "--no-progress",
-            "--device",
-            "cpu",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    return out
 
 
 def test_tables_gather_histories_with_padding() -> None:
@@ -56,23 +25,10 @@ def test_tables_gather_histories_with_padding() -> None:
 
 
 def test_train_then_evaluate_reproduces_the_recorded_metrics(
-    tokenizer_dir: Path, tmp_path: Path
+    tiny_tokenizer: Path, tmp_path: Path
 ) -> None:
     cfg = tmp_path / "gen.json"
-    cfg.write_text(
-        json.dumps(
-            {
-                "model": {
-                    "d_model": 16,
-                    "heads": 2,
-                    "d_kv": 8,
-                    "d_ff": 32,
-                    "encoder_layers": 1,
-                    "decoder_layers": 1,
-                }
-            }
-        )
-    )
+    cfg.write_text(json.dumps(TINY_GENERATIVE))
     out = tmp_path / "run"
     result = runner.invoke(
         app,
@@ -81,7 +37,7 @@ def test_train_then_evaluate_reproduces_the_recorded_metrics(
             "--out",
             str(out),
             "--tokenizer",
-            str(tokenizer_dir),
+            str(tiny_tokenizer),
             "--config",
             str(cfg),
             "--epochs",
@@ -103,10 +59,10 @@ def test_train_then_evaluate_reproduces_the_recorded_metrics(
     assert json.loads(result.output) == recorded["test"]
 
 
-def test_unknown_profile_is_refused(tokenizer_dir: Path, tmp_path: Path) -> None:
+def test_unknown_profile_is_refused(tiny_tokenizer: Path, tmp_path: Path) -> None:
     result = runner.invoke(
         app,
-        ["train", "--out", str(tmp_path), "--tokenizer", str(tokenizer_dir), "--profile", "huge"],
+        ["train", "--out", str(tmp_path), "--tokenizer", str(tiny_tokenizer), "--profile", "huge"],
     )
     assert result.exit_code == 2
     assert "unknown profile" in result.output
