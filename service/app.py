@@ -5,12 +5,13 @@ Nothing is built at import time.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import numpy as np
@@ -116,6 +117,7 @@ class Services:
     provider: str  # resolved: cpu | cuda
     base_items: int  # catalogue size of the bundle (later items were added at serving time)
     warmed_up: bool = False
+    items_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def services(request: Request) -> Services:
@@ -168,7 +170,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         try:
             for item_id, record in sorted((await store.items()).items(), key=lambda x: x[1]["seq"]):
                 if item_id not in bundle.catalogue.index:
-                    bundle.catalogue.add_item(item_id, record["sid"], record["view_codes"])
+                    bundle.catalogue = bundle.catalogue.with_item(
+                        item_id, record["sid"], record["view_codes"]
+                    )
         except (RedisError, OSError) as e:
             log.warning("could not restore items added at serving time: %s", e)
         batcher = MicroBatcher(
@@ -179,7 +183,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         app.state.services = svc
         # Warm-up: one real call per k bound, so the first user does not pay for it.
         for k in (1, 100):
-            await batcher.submit(np.array([0], dtype=np.int64), k, True)
+            await batcher.submit(np.array([0], dtype=np.int64), k, np.array([0], dtype=np.int64))
         svc.warmed_up = True
         metrics.model_info.labels(version=bundle.version, provider=provider).set(1)
         log.info("serving %s on %s", bundle.version, bundle.recommender.get_providers()[0])
@@ -254,7 +258,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             return RecommendResponse(
                 items=items, model_version=svc.bundle.version, cold_start=True, history_length=0
             )
-        found, scores = await svc.batcher.submit(indices, body.k, body.exclude_seen)
+        exclude = indices if body.exclude_seen else np.empty(0, dtype=np.int64)
+        found, scores = await svc.batcher.submit(indices, body.k, exclude)
         items = [
             RecommendedItem(
                 item_id=catalogue.item_ids[i],
@@ -277,7 +282,10 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         if unknown:
             svc.metrics.unknown_items.labels("event").inc(len(unknown))
             raise error(422, "unknown item ids; nothing was written", unknown=unknown[:50])
-        ordered = sorted(body.events, key=lambda e: e.timestamp if e.timestamp is not None else 0.0)
+        # Request order is time order, unless every event carries a timestamp.
+        ordered = body.events
+        if all(e.timestamp is not None for e in ordered):
+            ordered = sorted(ordered, key=lambda e: e.timestamp or 0.0)
         start = time.perf_counter()
         try:
             await svc.store.append([(e.user_id, e.item_id) for e in ordered])
@@ -291,6 +299,10 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         "/items", response_model=ItemResponse, status_code=201, dependencies=[Depends(require_key)]
     )
     async def add_item(body: NewItem, svc: Svc) -> ItemResponse:
+        async with svc.items_lock:  # one writer at a time: each add builds on the last snapshot
+            return await _add_item(body, svc)
+
+    async def _add_item(body: NewItem, svc: Svc) -> ItemResponse:
         catalogue = svc.bundle.catalogue
         if body.item_id in catalogue.index:
             raise error(409, "item already exists")
@@ -310,7 +322,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             await svc.store.save_item(body.item_id, record)
         except (RedisError, OSError) as e:
             raise error(503, "history store unavailable; the item was not added") from e
-        index = catalogue.add_item(body.item_id, sid, view_codes[0])
+        svc.bundle.catalogue = catalogue.with_item(body.item_id, sid, view_codes[0])
+        index = len(catalogue.item_ids)
         svc.metrics.items_added.inc()
         return ItemResponse(
             item_id=body.item_id, index=index, semantic_id=sid.tolist(), added_at_serving_time=True

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +66,10 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
     return options
 
 
-@dataclass
+@dataclass(frozen=True)
 class Catalogue:
-    """The live item tables: grow when items are added, trie rebuilt from the SIDs."""
+    """An immutable snapshot of the item tables and their trie. Adding an item makes a new
+    snapshot that the service swaps in whole, so a batch never sees half an update."""
 
     item_ids: list[str]
     sids: np.ndarray  # (N, D) int64
@@ -77,21 +78,26 @@ class Catalogue:
     codebook_size: int
 
     def __post_init__(self) -> None:
-        self.index = {item: i for i, item in enumerate(self.item_ids)}
-        self.trie = trie_tables(self.sids, self.codebook_size)
+        object.__setattr__(self, "index", {item: i for i, item in enumerate(self.item_ids)})
+        object.__setattr__(self, "trie", trie_tables(self.sids, self.codebook_size))
 
-    def add_item(self, item_id: str, sid: np.ndarray, view_codes: np.ndarray) -> int:
-        """Append a new item (recommendable at once: the tables are graph inputs); its index."""
+    index: dict[str, int] = field(init=False)
+    trie: list[np.ndarray] = field(init=False)
+
+    def with_item(self, item_id: str, sid: np.ndarray, view_codes: np.ndarray) -> Catalogue:
+        """A new snapshot with one more item, at index len(item_ids) (recommendable at once:
+        the tables are graph inputs)."""
         if item_id in self.index:
             raise ValueError(f"item {item_id!r} already exists")
-        self.item_ids.append(item_id)
-        self.sids = np.concatenate([self.sids, np.asarray(sid, dtype=np.int64)[None]])
-        self.view_codes = np.concatenate(
-            [self.view_codes, np.asarray(view_codes, dtype=np.int64)[None]]
+        return Catalogue(
+            item_ids=[*self.item_ids, item_id],
+            sids=np.concatenate([self.sids, np.asarray(sid, dtype=np.int64)[None]]),
+            view_codes=np.concatenate(
+                [self.view_codes, np.asarray(view_codes, dtype=np.int64)[None]]
+            ),
+            popularity=np.concatenate([self.popularity, np.zeros(1, dtype=np.int64)]),
+            codebook_size=self.codebook_size,
         )
-        self.popularity = np.concatenate([self.popularity, np.zeros(1, dtype=np.int64)])
-        self.__post_init__()
-        return len(self.item_ids) - 1
 
     def next_extra(self, codes: np.ndarray) -> int:
         """Smallest extra-level index not yet used under this SID prefix (deterministic)."""

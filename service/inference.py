@@ -35,9 +35,9 @@ def session_providers(provider: str) -> list[str]:
 
 @dataclass
 class Query:
-    history: np.ndarray  # (M,) item indices, oldest first
+    history: np.ndarray  # (M,) item indices, oldest first (the model reads the last max_history)
     k: int
-    exclude_seen: bool
+    exclude: np.ndarray  # (E,) item indices never to return (all seen items, or none)
     future: asyncio.Future[tuple[np.ndarray, np.ndarray]] = field(repr=False)
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -50,7 +50,9 @@ def run_queries(bundle: Bundle, queries: list[Query]) -> list[tuple[np.ndarray, 
         h = q.history[-m:]
         if len(h):
             histories[row, m - len(h) :] = h
-    exclude = np.where([[q.exclude_seen] for q in queries], histories, -1)
+    exclude = np.full((len(queries), max(1, *(len(q.exclude) for q in queries))), -1, np.int64)
+    for row, q in enumerate(queries):
+        exclude[row, : len(q.exclude)] = q.exclude
     k = max(q.k for q in queries)
     items, scores = bundle.recommend(histories, k, exclude)
     return [(items[row, : q.k], scores[row, : q.k]) for row, q in enumerate(queries)]
@@ -80,12 +82,12 @@ class MicroBatcher:
                 await self._worker
 
     async def submit(
-        self, history: np.ndarray, k: int, exclude_seen: bool
+        self, history: np.ndarray, k: int, exclude: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         future: asyncio.Future[tuple[np.ndarray, np.ndarray]] = (
             asyncio.get_running_loop().create_future()
         )
-        await self._queue.put(Query(history, k, exclude_seen, future))
+        await self._queue.put(Query(history, k, exclude, future))
         return await future
 
     async def _run(self) -> None:

@@ -226,3 +226,26 @@ def test_settings_refuse_a_bad_deployment(tmp_path: Path, bundle_dir: Path) -> N
     with pytest.raises(ValueError, match="redis_url must start"):
         Settings(bundle_path=bundle_dir, redis_url="http://x")
     assert np.isfinite(Settings(bundle_path=bundle_dir).redis_timeout_s)
+
+
+def test_exclude_seen_covers_the_whole_stored_history(client: TestClient) -> None:
+    ids = item_ids()
+    seen = [ids[i] for i in range(100, 130)]  # 30 items: more than the model's 20-item window
+    events = [{"user_id": "long", "item_id": i} for i in seen]
+    assert client.post("/events", json={"events": events}).status_code == 200
+    body = client.post("/recommend", json={"user_id": "long", "k": 100}).json()
+    assert len(body["items"]) == 100
+    assert not {i["item_id"] for i in body["items"]} & set(seen)
+
+
+def test_events_keep_request_order_unless_all_are_timestamped(client: TestClient) -> None:
+    ids = item_ids()
+    plain = [{"user_id": "o", "item_id": ids[i]} for i in (5, 1, 9)]
+    client.post("/events", json={"events": plain})
+    assert client.get("/users/o/history").json()["items"] == [ids[5], ids[1], ids[9]]
+    stamped = [
+        {"user_id": "t", "item_id": ids[i], "timestamp": ts}
+        for i, ts in ((5, 30.0), (1, 10.0), (9, 20.0))
+    ]
+    client.post("/events", json={"events": stamped})
+    assert client.get("/users/t/history").json()["items"] == [ids[1], ids[9], ids[5]]

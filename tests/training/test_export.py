@@ -124,8 +124,9 @@ def test_an_item_added_through_the_tables_is_recommended(exported: tuple[Path, P
     top = int(bundle.recommend(remapped, 1)[0][0, 0])
     assert bundle.catalogue.item_ids[top] != cat.item_ids[best]
     # add it back as a new item at the end of the tables: now it is the top recommendation
-    new = bundle.catalogue.add_item("new-item", cat.sids[best], cat.view_codes[best])
-    assert new == len(keep)
+    bundle.catalogue = bundle.catalogue.with_item("new-item", cat.sids[best], cat.view_codes[best])
+    new = len(keep)
+    assert bundle.catalogue.item_ids[new] == "new-item"
     assert int(bundle.recommend(remapped, 1)[0][0, 0]) == new
 
 
