@@ -1,0 +1,389 @@
+"""The BBQRec generative recommender: a T5-style encoder-decoder over semantic-ID tokens whose
+encoder self-attention is reweighted by the discretized semantic similarity of item pairs, a
+sequence-to-item contrastive loss, and trie-constrained beam search.
+
+Inputs are gathered tensors, never catalogue tables held by the model, so new items can be served
+by extending the tables alone:
+- `sids` (B, M, D): the history items' semantic IDs (D tokens each), -1 on padding items;
+- `view_codes` (B, M, V, L): per view (modalities, behaviour) the item's L codes, used only to
+  measure similarity; -1 on padding.
+
+Discretized similarity: for a pair of items and a view, the number of leading codes they share
+(0..L). Residual codes go coarse to fine, so this is a similarity with L + 1 levels that needs no
+threshold; each (layer, view, level) has a learned per-head bias added to the attention logits of
+every token pair of the two items (additive logit bias = multiplicative reweighting). The tables
+start at zero: an untrained model equals the plain transformer exactly.
+
+Reads top to bottom: config, helpers, attention, blocks, model, trie, beam search.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.trie import trie_tables
+
+NEG = -1e9  # large finite negative: fully masked rows stay finite (and float16-safe in export)
+
+
+@dataclass(frozen=True)
+class GenRecConfig:
+    sid_levels: int  # D: tokens per item (L codes + the extra ID level)
+    codebook_size: int  # K: codes per level
+    num_views: int = 1  # V: views whose shared leading codes index the reweighting tables
+    code_levels: int = 3  # L: codes per view used for similarity
+    max_items: int = 20
+    d_model: int = 128
+    heads: int = 6
+    d_kv: int = 32  # per-head width (T5 decouples it from d_model)
+    d_ff: int = 1024
+    encoder_layers: int = 4
+    decoder_layers: int = 4
+    dropout: float = 0.1
+    rel_buckets: int = 32
+    rel_max_distance: int = 128
+    reweight: bool = True  # False: plain transformer ("- reweighting")
+    item_dim: int = 32  # dim of the target item representation given to the s2i loss
+    s2i_weight: float = 0.1  # lambda; 0 disables the loss ("- s2i")
+    s2i_temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        if min(self.sid_levels, self.codebook_size, self.max_items, self.heads) < 1:
+            raise ValueError(f"invalid GenRecConfig {self}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+
+    @property
+    def vocab(self) -> int:
+        """Token ids: 0 = padding, 1 + d * K + c = code c at level d, then BOS."""
+        return 1 + self.sid_levels * self.codebook_size + 1
+
+    @property
+    def bos(self) -> int:
+        return self.vocab - 1
+
+
+def sid_tokens(sids: Tensor, codebook_size: int) -> Tensor:
+    """(..., D) codes (-1 = padding) -> token ids (0 = padding)."""
+    level = torch.arange(sids.shape[-1], device=sids.device)
+    return torch.where(sids >= 0, 1 + level * codebook_size + sids, torch.zeros_like(sids))
+
+
+def shared_prefix_length(codes: Tensor) -> Tensor:
+    """(B, M, V, L) codes -> (B, V, M, M): leading codes items i and j share, per view."""
+    c = codes.permute(0, 2, 1, 3)  # (B, V, M, L)
+    equal = (c.unsqueeze(3) == c.unsqueeze(2)) & (c.unsqueeze(3) >= 0)  # (B, V, M, M, L)
+    # leading run of matches = positions before the first mismatch (CumSum exports; CumProd not)
+    mismatches_so_far = torch.cumsum((~equal).long(), dim=-1)
+    return (mismatches_so_far == 0).long().sum(dim=-1)  # (B, V, M, M)
+
+
+def relative_bucket(
+    relative: Tensor, *, bidirectional: bool, buckets: int, max_distance: int
+) -> Tensor:
+    """T5's log-bucketed relative positions (key - query) -> bucket ids in [0, buckets)."""
+    out = torch.zeros_like(relative)
+    if bidirectional:
+        buckets //= 2
+        out += (relative > 0).long() * buckets
+        n = relative.abs()
+    else:
+        n = (-relative).clamp(min=0)
+    exact = buckets // 2
+    large = (
+        exact
+        + (
+            torch.log(n.float().clamp(min=1) / exact)
+            / math.log(max_distance / exact)
+            * (buckets - exact)
+        ).long()
+    )
+    large = large.clamp(max=buckets - 1)
+    return out + torch.where(n < exact, n, large)
+
+
+class Attention(nn.Module):
+    """Multi-head attention written out (MatMul + Add + Softmax) with an additive logit bias.
+
+    No dropout on the attention probabilities: on the CPU it cost a third of a training step
+    (a (B, H, T, T) random mask per layer); residual and feed-forward dropout remain.
+    """
+
+    def __init__(self, *, d_model: int, heads: int, d_kv: int) -> None:
+        super().__init__()
+        self.heads, self.d_kv = heads, d_kv
+        self.q = nn.Linear(d_model, heads * d_kv, bias=False)
+        self.kv = nn.Linear(d_model, 2 * heads * d_kv, bias=False)
+        self.o = nn.Linear(heads * d_kv, d_model, bias=False)
+
+    def forward(self, x: Tensor, memory: Tensor, bias: Tensor) -> Tensor:
+        # x: (R * B, Tq, d), R query rows (beams) per memory row; memory: (B, Tk, d);
+        # bias: broadcastable to (B, H, R * Tq, Tk), masking included
+        B, Tk, _ = memory.shape
+        R, Tq = x.shape[0] // B, x.shape[1]
+        # Keys and values once per memory row; the R rows sharing it join the query axis.
+        q = self.q(x).view(B, R * Tq, self.heads, self.d_kv).transpose(1, 2)  # (B, H, R*Tq, dk)
+        k, v = self.kv(memory).view(B, Tk, 2, self.heads, self.d_kv).permute(2, 0, 3, 1, 4)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(self.d_kv) + bias  # (B, H, R*Tq, Tk)
+        attn = torch.softmax(logits, dim=-1)
+        y = (attn @ v).transpose(1, 2).reshape(B * R, Tq, self.heads * self.d_kv)
+        out: Tensor = self.o(y)
+        return out
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, *, d_model: int, d_ff: int, dropout: float) -> None:
+        super().__init__(
+            nn.Linear(d_model, d_ff), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model)
+        )
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, c: GenRecConfig) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(c.d_model), nn.LayerNorm(c.d_model)
+        self.attn = Attention(d_model=c.d_model, heads=c.heads, d_kv=c.d_kv)
+        self.ff = FeedForward(d_model=c.d_model, d_ff=c.d_ff, dropout=c.dropout)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        h = self.ln1(x)
+        x = x + self.drop(self.attn(h, h, bias))
+        out: Tensor = x + self.drop(self.ff(self.ln2(x)))
+        return out
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, c: GenRecConfig) -> None:
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(c.d_model) for _ in range(3))
+        self.self_attn = Attention(d_model=c.d_model, heads=c.heads, d_kv=c.d_kv)
+        self.cross = Attention(d_model=c.d_model, heads=c.heads, d_kv=c.d_kv)
+        self.ff = FeedForward(d_model=c.d_model, d_ff=c.d_ff, dropout=c.dropout)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, y: Tensor, memory: Tensor, self_bias: Tensor, cross_bias: Tensor) -> Tensor:
+        h = self.ln1(y)
+        y = y + self.drop(self.self_attn(h, h, self_bias))
+        y = y + self.drop(self.cross(self.ln2(y), memory, cross_bias))
+        out: Tensor = y + self.drop(self.ff(self.ln3(y)))
+        return out
+
+
+class Encoded(NamedTuple):
+    memory: Tensor  # (B, T, d) encoder states, T = M * D
+    mask: Tensor  # (B, T) bool, True on real tokens
+    pooled: Tensor  # (B, d) mean of the real tokens' states
+
+
+class GenRecOutput(NamedTuple):
+    loss: Tensor  # () generation CE + lambda * s2i
+    generation_loss: Tensor  # ()
+    s2i_loss: Tensor  # () (0 when disabled or no item representation given)
+    logits: Tensor  # (B, D, K): level d's logits over its K codes
+
+
+class GenerativeRecommender(nn.Module):
+    def __init__(self, config: GenRecConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.tok_emb = nn.Embedding(c.vocab, c.d_model, padding_idx=0)
+        self.enc_rel = nn.Embedding(c.rel_buckets, c.heads)
+        self.dec_rel = nn.Embedding(c.rel_buckets, c.heads)
+        # (layers, views, L + 1 similarity levels, heads), zero: starts as the plain transformer
+        self.sim_bias = nn.Parameter(
+            torch.zeros(c.encoder_layers, c.num_views, c.code_levels + 1, c.heads),
+            requires_grad=c.reweight,
+        )
+        self.encoder = nn.ModuleList(EncoderBlock(c) for _ in range(c.encoder_layers))
+        self.decoder = nn.ModuleList(DecoderBlock(c) for _ in range(c.decoder_layers))
+        self.enc_ln, self.dec_ln = nn.LayerNorm(c.d_model), nn.LayerNorm(c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.seq_proj = nn.Linear(c.d_model, c.item_dim)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def _rel_bias(
+        self, table: nn.Embedding, q_len: int, k_len: int, *, bidirectional: bool
+    ) -> Tensor:
+        c = self.config
+        pos_q = torch.arange(q_len, device=table.weight.device)
+        pos_k = torch.arange(k_len, device=table.weight.device)
+        bucket = relative_bucket(
+            pos_k[None, :] - pos_q[:, None],
+            bidirectional=bidirectional,
+            buckets=c.rel_buckets,
+            max_distance=c.rel_max_distance,
+        )  # (Tq, Tk)
+        bias: Tensor = table(bucket)  # (Tq, Tk, H)
+        return bias.permute(2, 0, 1).unsqueeze(0)  # (1, H, Tq, Tk)
+
+    def encode(self, sids: Tensor, view_codes: Tensor) -> Encoded:
+        """`sids` (B, M, D), `view_codes` (B, M, V, L); -1 marks padding items."""
+        c = self.config
+        B, M, D = sids.shape
+        tokens = sid_tokens(sids, c.codebook_size).reshape(B, M * D)  # (B, T)
+        mask = tokens > 0
+        x = self.drop(self.tok_emb(tokens))
+        base = self._rel_bias(self.enc_rel, M * D, M * D, bidirectional=True)  # (1, H, T, T)
+        key_mask = torch.where(mask, 0.0, NEG)[:, None, None, :]  # (B, 1, 1, T)
+        sim = shared_prefix_length(view_codes) if c.reweight else None  # (B, V, M, M)
+        for layer, block in enumerate(self.encoder):
+            bias = base + key_mask
+            if sim is not None:
+                table = self.sim_bias[layer]  # (V, L + 1, H)
+                views = torch.arange(c.num_views, device=sids.device)[None, :, None, None]
+                item_bias = table[views, sim].sum(dim=1).permute(0, 3, 1, 2)  # (B, H, M, M)
+                tok_bias = item_bias.repeat_interleave(D, dim=2).repeat_interleave(D, dim=3)
+                bias = bias + tok_bias  # (B, H, T, T)
+            x = block(x, bias)
+        memory = self.enc_ln(x)
+        weights = mask.unsqueeze(-1).to(memory.dtype)
+        pooled = (memory * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, d)
+        return Encoded(memory=memory, mask=mask, pooled=pooled)
+
+    def decode(self, enc: Encoded, prefix: Tensor) -> Tensor:
+        """Logits (B', t, K) for decoder input `prefix` (B', t) of token ids starting with BOS;
+        B' may be a multiple of the encoder batch (beams), rows repeated in order."""
+        c = self.config
+        t = prefix.shape[1]
+        cross = torch.where(enc.mask, 0.0, NEG)[:, None, None, :]  # (B, 1, 1, T)
+        causal = torch.full((t, t), NEG, device=prefix.device).triu(1)
+        self_bias = self._rel_bias(self.dec_rel, t, t, bidirectional=False) + causal
+        y = self.drop(self.tok_emb(prefix))
+        for block in self.decoder:
+            y = block(y, enc.memory, self_bias, cross)
+        h = self.dec_ln(y)  # (B', t, d)
+        # Level d's output embeddings are the input embeddings of level d's code tokens.
+        out_emb = self.tok_emb.weight[1 : 1 + c.sid_levels * c.codebook_size]
+        out_emb = out_emb.view(c.sid_levels, c.codebook_size, c.d_model)[:t]  # (t, K, d)
+        return torch.einsum("btd,tkd->btk", h, out_emb)
+
+    def forward(
+        self,
+        sids: Tensor,
+        view_codes: Tensor,
+        target_sids: Tensor,
+        target_repr: Tensor | None = None,
+        target_items: Tensor | None = None,
+    ) -> GenRecOutput:
+        """Teacher-forced loss for next items `target_sids` (B, D); `target_repr` (B, item_dim)
+        is the target's quantized representation for the s2i loss and `target_items` (B,) its
+        index (in-batch duplicates of the target are not used as negatives)."""
+        c = self.config
+        enc = self.encode(sids, view_codes)
+        targets = sid_tokens(target_sids, c.codebook_size)  # (B, D)
+        bos = torch.full_like(targets[:, :1], c.bos)
+        logits = self.decode(enc, torch.cat([bos, targets[:, :-1]], dim=1))  # (B, D, K)
+        gen = F.cross_entropy(logits.reshape(-1, c.codebook_size), target_sids.reshape(-1))
+        s2i = gen.new_zeros(())
+        if c.s2i_weight > 0 and target_repr is not None:
+            seq = F.normalize(self.seq_proj(enc.pooled), dim=-1)  # (B, item_dim)
+            item = F.normalize(target_repr, dim=-1)
+            sim = seq @ item.T / c.s2i_temperature  # (B, B)
+            if target_items is not None:
+                same = target_items[:, None] == target_items[None, :]
+                sim = sim.masked_fill(
+                    same & ~torch.eye(len(sim), dtype=torch.bool, device=sim.device), NEG
+                )
+            s2i = F.cross_entropy(sim, torch.arange(len(sim), device=sim.device))
+        return GenRecOutput(
+            loss=gen + c.s2i_weight * s2i, generation_loss=gen, s2i_loss=s2i, logits=logits
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Trie of valid semantic IDs and constrained beam search
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Trie:
+    """Valid SIDs as dense transition tables (`model.trie.trie_tables`) on a torch device."""
+
+    children: tuple[Tensor, ...]  # D tensors (P_d, K) int64; P_0 = 1 (the empty prefix)
+
+    @staticmethod
+    def from_sids(sids: np.ndarray, codebook_size: int) -> Trie:
+        return Trie(children=tuple(torch.from_numpy(t) for t in trie_tables(sids, codebook_size)))
+
+    def to(self, device: torch.device) -> Trie:
+        return Trie(children=tuple(t.to(device) for t in self.children))
+
+
+class BeamResult(NamedTuple):
+    items: Tensor  # (B, k) item indices, best first; -1 where fewer than k valid items exist
+    scores: Tensor  # (B, k) sum of per-level log-probabilities
+
+
+@torch.no_grad()
+def beam_search(
+    model: GenerativeRecommender,
+    sids: Tensor,
+    view_codes: Tensor,
+    children: tuple[Tensor, ...],
+    *,
+    k: int | Tensor,
+    beam: int,
+    exclude: Tensor | None = None,
+) -> BeamResult:
+    """Top-k items by beam search constrained to the trie `children` (`Trie.children`).
+
+    `exclude` (B, E) item indices (-1 = none) are removed at the last step (already seen items).
+    The beam keeps max(beam, k) prefixes; with that at least the number of valid prefixes at
+    every depth the search is exhaustive. `k` may be a 0-d tensor and nothing branches on tensor
+    values, so the whole search exports to one ONNX graph with a runtime k.
+    """
+    if isinstance(k, int) and beam < k:
+        raise ValueError(f"beam ({beam}) must be >= k ({k})")
+    c = model.config
+    B = sids.shape[0]
+    device = sids.device
+    k_t = torch.as_tensor(k, dtype=torch.long, device=device)
+    width = torch.maximum(k_t, torch.tensor(beam, device=device))  # () beam width
+    enc = model.encode(sids, view_codes)
+    prefix_ids = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, W) trie prefix ids
+    scores = torch.zeros(B, 1, device=device)  # (B, W)
+    tokens = torch.full((B, 1, 1), c.bos, dtype=torch.long, device=device)  # (B, W, t)
+    for d in range(c.sid_levels):
+        W = prefix_ids.shape[1]
+        last = d == c.sid_levels - 1
+        # `keep` is a 0-d tensor: it stays symbolic in an exported graph; torch takes it as a
+        # size at run time, its type stubs only know ints.
+        keep = cast(int, k_t if last else width)
+        logits = model.decode(enc, tokens.reshape(B * W, d + 1))[:, d]  # (B*W, K)
+        logp = torch.log_softmax(logits.float(), dim=-1).view(B, W, c.codebook_size)
+        nxt = children[d][prefix_ids.clamp(min=0)]  # (B, W, K)
+        valid = (nxt >= 0) & (prefix_ids >= 0).unsqueeze(-1)
+        if last and exclude is not None:
+            seen = (nxt.unsqueeze(-1) == exclude[:, None, None, :]).any(dim=-1)
+            valid = valid & ~seen
+        cand = torch.where(valid, scores.unsqueeze(-1) + logp, NEG).reshape(B, -1)  # (B, W*K)
+        # Pad with `keep` dead candidates so topk(keep) is valid even for tiny catalogues.
+        pad_scores = torch.full_like(cand[:, :1], NEG).expand(B, keep)
+        cand = torch.cat([cand, pad_scores], dim=1)
+        cand_ids = torch.cat(
+            [nxt.reshape(B, -1), torch.full_like(pad_scores, -1, dtype=torch.long)], 1
+        )
+        scores, flat = cand.topk(keep, dim=-1)  # (B, W')
+        prefix_ids = torch.where(scores > NEG / 2, cand_ids.gather(1, flat), -1)
+        parent = (flat // c.codebook_size).clamp(max=W - 1)  # padded candidates: any parent
+        level_tok = 1 + d * c.codebook_size + flat % c.codebook_size
+        history = tokens.gather(1, parent.unsqueeze(-1).expand(-1, -1, d + 1))
+        tokens = torch.cat([history, level_tok.unsqueeze(-1)], dim=-1)
+    return BeamResult(items=prefix_ids, scores=scores)

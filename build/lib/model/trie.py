@@ -1,0 +1,34 @@
+"""The trie of valid semantic IDs as dense transition tables (numpy only: the service uses it
+without torch).
+
+`children[d][p, c]` is the id of prefix p extended by code c at depth d, or -1 if no item has
+that prefix; at the last depth it is the item index. `children[0]` has one row (the empty prefix).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def trie_tables(sids: np.ndarray, codebook_size: int) -> list[np.ndarray]:
+    """D int64 tables built from (N, D) unique semantic IDs; item i is reached by sids[i]."""
+    n, depth = sids.shape
+    if n == 0:
+        raise ValueError("an empty catalogue has no trie")
+    if sids.min() < 0 or sids.max() >= codebook_size:
+        raise ValueError(f"semantic ID codes must lie in [0, {codebook_size})")
+    prefix = np.zeros(n, dtype=np.int64)  # every item starts at the root prefix 0
+    children = []
+    for d in range(depth):
+        pairs = prefix * codebook_size + sids[:, d]
+        table = np.full((int(prefix.max()) + 1, codebook_size), -1, dtype=np.int64)
+        if d == depth - 1:
+            if len(np.unique(pairs)) != n:
+                raise ValueError("semantic IDs are not unique")
+            table.reshape(-1)[pairs] = np.arange(n)
+        else:
+            unique, new_prefix = np.unique(pairs, return_inverse=True)
+            table.reshape(-1)[unique] = np.arange(len(unique))
+            prefix = new_prefix.reshape(-1)
+        children.append(table)
+    return children

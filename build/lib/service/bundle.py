@@ -1,0 +1,187 @@
+"""Load an exported bundle with numpy and ONNX Runtime only (no torch), and run it.
+
+Loading verifies the manifest's format version and the sha256 of every file it lists, and
+refuses a missing, incomplete, corrupt or mismatched bundle with a message that names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from model.trie import trie_tables
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(ValueError):
+    """The bundle is missing, incomplete, corrupt or of another format."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest, after checking that every listed file is present and unchanged."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path}: missing; not a bundle directory")
+    try:
+        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{manifest_path}: invalid JSON ({e.msg})") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{manifest_path}: format version {manifest.get('format_version')!r}, this loader "
+            f"reads {FORMAT_VERSION}"
+        )
+    for name, digest in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"{file}: listed in the manifest but missing")
+        if sha256(file) != digest:
+            raise BundleError(f"{file}: sha256 does not match the manifest (corrupt or replaced)")
+    for required in ("recommender.onnx", "quantizer.onnx", "sids.npy", "item_ids.txt"):
+        if required not in manifest.get("files", {}):
+            raise BundleError(f"{manifest_path}: incomplete bundle, {required} not listed")
+    return manifest
+
+
+def session_options(intra_op_threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    return options
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """An immutable snapshot of the item tables and their trie. Adding an item makes a new
+    snapshot that the service swaps in whole, so a batch never sees half an update."""
+
+    item_ids: list[str]
+    sids: np.ndarray  # (N, D) int64
+    view_codes: np.ndarray  # (N, V, L) int64
+    popularity: np.ndarray  # (N,) int64
+    codebook_size: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index", {item: i for i, item in enumerate(self.item_ids)})
+        object.__setattr__(self, "trie", trie_tables(self.sids, self.codebook_size))
+
+    index: dict[str, int] = field(init=False)
+    trie: list[np.ndarray] = field(init=False)
+
+    def with_item(self, item_id: str, sid: np.ndarray, view_codes: np.ndarray) -> Catalogue:
+        """A new snapshot with one more item, at index len(item_ids) (recommendable at once:
+        the tables are graph inputs)."""
+        if item_id in self.index:
+            raise ValueError(f"item {item_id!r} already exists")
+        return Catalogue(
+            item_ids=[*self.item_ids, item_id],
+            sids=np.concatenate([self.sids, np.asarray(sid, dtype=np.int64)[None]]),
+            view_codes=np.concatenate(
+                [self.view_codes, np.asarray(view_codes, dtype=np.int64)[None]]
+            ),
+            popularity=np.concatenate([self.popularity, np.zeros(1, dtype=np.int64)]),
+            codebook_size=self.codebook_size,
+        )
+
+    def next_extra(self, codes: np.ndarray) -> int:
+        """Smallest extra-level index not yet used under this SID prefix (deterministic)."""
+        prefix = np.asarray(codes, dtype=np.int64)
+        used = set(self.sids[(self.sids[:, :-1] == prefix).all(axis=1), -1].tolist())
+        free = next((j for j in range(self.codebook_size) if j not in used), None)
+        if free is None:
+            raise ValueError(f"SID prefix {prefix.tolist()} holds {self.codebook_size} items")
+        return free
+
+
+class Bundle:
+    """A loaded bundle: ORT sessions, the manifest and the catalogue tables."""
+
+    def __init__(
+        self, path: Path, *, providers: list[str] | None = None, intra_op_threads: int = 1
+    ) -> None:
+        self.path = path
+        self.manifest = read_manifest(path)
+        m = self.manifest
+        opts = session_options(intra_op_threads)
+        providers = providers or ["CPUExecutionProvider"]
+        self.recommender = ort.InferenceSession(
+            str(path / m["recommender"]["file"]), opts, providers=providers
+        )
+        self.quantizer = ort.InferenceSession(
+            str(path / m["quantizer"]["file"]), opts, providers=providers
+        )
+        self.catalogue = Catalogue(
+            item_ids=(path / "item_ids.txt").read_text().split(),
+            sids=np.load(path / "sids.npy"),
+            view_codes=np.load(path / "view_codes.npy"),
+            popularity=np.load(path / "popularity.npy"),
+            codebook_size=int(m["codebook_size"]),
+        )
+        if len(self.catalogue.item_ids) != len(self.catalogue.sids):
+            raise BundleError(f"{path}: item_ids.txt and sids.npy disagree on the item count")
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["model_version"])
+
+    @property
+    def max_history(self) -> int:
+        return int(self.manifest["max_history"])
+
+    def recommend(
+        self, histories: np.ndarray, k: int, exclude: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k items (B, k) (-1 where the catalogue has fewer) and their scores, for left-padded
+        histories (B, M) of item indices (-1 = padding); `exclude` (B, E) items never returned."""
+        if not 1 <= k <= int(self.manifest["max_k"]):
+            raise ValueError(f"k must be in [1, {self.manifest['max_k']}], got {k}")
+        histories = np.ascontiguousarray(histories[:, -self.max_history :], dtype=np.int64)
+        if exclude is None:
+            exclude = np.full((len(histories), 1), -1, dtype=np.int64)
+        cat = self.catalogue
+        feed = {
+            "histories": histories,
+            "k": np.array(k, dtype=np.int64),
+            "exclude": np.ascontiguousarray(exclude, dtype=np.int64),
+            "sid_table": cat.sids,
+            "view_table": cat.view_codes,
+            **{f"trie_{d}": t for d, t in enumerate(cat.trie)},
+        }
+        items, scores = self.recommender.run(None, feed)
+        return items, scores
+
+    def rank(self, histories: np.ndarray, k: int) -> np.ndarray:
+        """The `training.evaluation.Ranker` protocol: evaluate the bundle through ONNX Runtime."""
+        return self.recommend(histories, k)[0]
+
+    def quantize(self, features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """For new items known by their modality features: (B, L) codes of the content-only
+        fused view (the SID prefix) and (B, V, L) codes per similarity view (-1 = absent)."""
+        feed = {}
+        for mod in self.manifest["modalities"]:
+            if mod["name"] not in features:
+                raise ValueError(f"missing modality {mod['name']!r}")
+            x = np.atleast_2d(np.asarray(features[mod["name"]], dtype=np.float32))
+            if x.shape[1] != mod["dim"]:
+                raise ValueError(
+                    f"modality {mod['name']!r} needs dim {mod['dim']}, got {x.shape[1]}"
+                )
+            feed[mod["input"]] = x
+        codes, view_codes = self.quantizer.run(None, feed)
+        return np.asarray(codes, dtype=np.int64), np.asarray(view_codes, dtype=np.int64)

@@ -1,0 +1,79 @@
+"""Prometheus metrics: base units, counters end in `_total`, bounded labels (never an id)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """All service metrics, registered in one registry (a fresh one per app in tests)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "bbqrec_http_requests_total",
+            "HTTP requests.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "bbqrec_http_request_duration_seconds",
+            "HTTP request latency.",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "bbqrec_queue_wait_seconds",
+            "Time a recommendation waited for its batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inference = Histogram(
+            "bbqrec_inference_seconds",
+            "ONNX Runtime time per batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.redis = Histogram(
+            "bbqrec_redis_seconds",
+            "Redis time per request.",
+            ["operation"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "bbqrec_batch_size",
+            "Requests per inference batch.",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.cold_start = Counter(
+            "bbqrec_cold_start_total",
+            "Recommendations for users with no history.",
+            registry=registry,
+        )
+        self.unknown_items = Counter(
+            "bbqrec_unknown_items_total",
+            "Unknown item ids seen in requests or stored histories.",
+            ["source"],
+            registry=registry,
+        )
+        self.items_added = Counter(
+            "bbqrec_items_added_total", "Items added at serving time.", registry=registry
+        )
+        self.model_info = Gauge(
+            "bbqrec_model_info",
+            "The served model (value 1).",
+            ["version", "provider"],
+            registry=registry,
+        )
+
+    def observe_batch(self, size: int, waits: list[float], inference_s: float) -> None:
+        self.batch_size.observe(size)
+        self.inference.observe(inference_s)
+        for wait in waits:
+            self.queue_wait.observe(wait)

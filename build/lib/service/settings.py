@@ -1,0 +1,42 @@
+"""Service settings: one pydantic-settings class (`BBQREC_*` env variables), validated once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BBQREC_", extra="forbid")
+
+    bundle_path: Path = Field(description="Exported bundle directory (manifest.json inside).")
+    redis_url: str | None = Field(
+        default=None,
+        description="redis:// or unix:// URL; unset = an embedded Redis persisted in data_dir.",
+    )
+    data_dir: Path = Field(default=Path("data"), description="Embedded Redis persistence.")
+    provider: Literal["auto", "cpu", "cuda"] = "auto"
+    max_batch: int = Field(default=64, ge=1, le=1024)
+    intra_op_threads: int = Field(default=1, ge=1, le=64)
+    history_length: int = Field(default=50, ge=1, le=1000, description="Events kept per user.")
+    redis_timeout_s: float = Field(default=0.25, gt=0, le=30)
+    api_key: SecretStr | None = Field(default=None, description="Required on write routes.")
+    protect_reads: bool = Field(default=False, description="Also require the key on reads.")
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+
+    @field_validator("bundle_path")
+    @classmethod
+    def _bundle_exists(cls, path: Path) -> Path:
+        if not (path / "manifest.json").is_file():
+            raise ValueError(f"{path}: no manifest.json; not an exported bundle")
+        return path
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        return url

@@ -1,0 +1,106 @@
+"""The one `evaluate()` used for validation and test: full ranking over the whole catalogue.
+
+A model is evaluated through a `Ranker`: given a batch of left-padded histories it returns, per
+row, its top items in rank order over **all** items (never sampled negatives). A target absent
+from the returned list is a miss. Metrics are Recall@k (= HR@k, one target per user) and
+NDCG@k = 1 / log2(rank + 1) for a hit at 1-based rank <= k, averaged over users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Protocol
+
+import numpy as np
+
+from training.data import EvalSplit
+
+RECALL_KS: tuple[int, ...] = (1, 5, 10, 20)
+NDCG_KS: tuple[int, ...] = (5, 10, 20)
+
+
+class Ranker(Protocol):
+    """Anything that ranks the full catalogue for a batch of histories."""
+
+    def rank(self, histories: np.ndarray, k: int) -> np.ndarray:
+        """`histories` (B, L) int64 left-padded with PAD; returns (B, min(k, N)) item indices,
+        best first."""
+        ...
+
+
+def target_ranks(topk: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """1-based rank of each target in its row of `topk`, or 0 when it is not in the list."""
+    hits = topk == targets[:, None]  # (B, k)
+    found = hits.any(axis=1)
+    return np.where(found, hits.argmax(axis=1) + 1, 0)
+
+
+def recall_at_k(ranks: np.ndarray, k: int) -> float:
+    """Share of users whose target is within the top k (`ranks` from `target_ranks`)."""
+    if len(ranks) == 0:
+        return 0.0
+    return float(((ranks >= 1) & (ranks <= k)).mean())
+
+
+def ndcg_at_k(ranks: np.ndarray, k: int) -> float:
+    """Mean 1/log2(rank+1) over users; 0 for a target ranked below k or missing."""
+    if len(ranks) == 0:
+        return 0.0
+    hit = (ranks >= 1) & (ranks <= k)
+    gains = np.zeros(len(ranks), dtype=np.float64)
+    gains[hit] = 1.0 / np.log2(ranks[hit] + 1.0)
+    return float(gains.mean())
+
+
+def metrics_from_ranks(
+    ranks: np.ndarray,
+    recall_ks: Sequence[int] = RECALL_KS,
+    ndcg_ks: Sequence[int] = NDCG_KS,
+) -> dict[str, float]:
+    out = {f"recall@{k}": recall_at_k(ranks, k) for k in recall_ks}
+    out |= {f"ndcg@{k}": ndcg_at_k(ranks, k) for k in ndcg_ks}
+    return out
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    try:
+        import torch
+    except ImportError:  # the serving environment has no torch; ONNX rankers are deterministic
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def evaluate(
+    ranker: Ranker,
+    split: EvalSplit,
+    *,
+    batch_size: int = 256,
+    recall_ks: Sequence[int] = RECALL_KS,
+    ndcg_ks: Sequence[int] = NDCG_KS,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Full-ranking metrics of `ranker` on `split` (validation or test), deterministic for a seed.
+
+    Any stochastic layer a ranker forgets to switch off still gives the same numbers twice: torch
+    is seeded inside a forked RNG, so a validation in the middle of training leaves the training
+    random stream untouched.
+    """
+    k = max(*recall_ks, *ndcg_ks)
+    ranks = np.zeros(len(split), dtype=np.int64)
+    with _seeded(seed):
+        for start in range(0, len(split), batch_size):
+            stop = start + batch_size
+            topk = ranker.rank(split.histories[start:stop], k)
+            rows = len(split.targets[start:stop])
+            # fewer than k columns is fine when the catalogue itself is smaller than k
+            if topk.ndim != 2 or topk.shape[0] != rows or topk.shape[1] > k:
+                raise ValueError(f"ranker returned shape {topk.shape}, expected ({rows}, <={k})")
+            ranks[start:stop] = target_ranks(topk, split.targets[start:stop])
+    metrics = metrics_from_ranks(ranks, recall_ks, ndcg_ks)
+    metrics["users"] = float(len(split))
+    return metrics

@@ -1,0 +1,247 @@
+"""Export a trained generative run to one versioned, self-describing ONNX bundle.
+
+Bundle directory (`bbqrec export --run RUN --out DIR`):
+
+- `recommender.onnx`: histories (B, M) item indices (-1 = padding), k, exclude (B, E) and the
+  catalogue tables (SID table, view-code table, trie tables) -> top-k items and scores. Encoder,
+  similarity reweighting, the unrolled decoder steps and the trie-constrained beam search are one
+  graph. The tables are graph inputs, not constants, so items added at serving time are
+  recommendable without re-exporting.
+- `quantizer.onnx`: modality features -> the L codes of a new item's content-only fused view.
+- `item_ids.txt`, `sids.npy`, `view_codes.npy`, `popularity.npy`: the catalogue tables (item id
+  <-> index <-> SID; per-view codes; training-split interaction counts for cold start).
+- `manifest.json`: format version, configs, SID depth, codebook size, vocab, opset, graph inputs
+  and outputs, sha256 of every file, training metrics, versions, git SHA, creation time.
+
+Exported with the TorchScript-based exporter (`dynamo=False`) and constant folding off, which
+keeps the runtime k and the tables as true graph inputs; see docs/METHOD.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.generative import GenerativeRecommender, Trie, beam_search
+from model.tokenizer import FUSED_VIEW, BBQTokenizer
+from service.bundle import sha256
+from training.data import Dataset, leave_one_out
+from training.generative import load_generative
+from training.tokenize import Tokenizer
+
+FORMAT_VERSION = 1
+OPSET = 18
+RECOMMENDER = "recommender.onnx"
+QUANTIZER = "quantizer.onnx"
+MANIFEST = "manifest.json"
+RECOMMENDER_INPUTS = ("histories", "k", "exclude", "sid_table", "view_table")
+RECOMMENDER_OUTPUTS = ("items", "scores")
+
+
+class RecommenderGraph(nn.Module):
+    """What `recommender.onnx` computes: table look-ups, then the constrained beam search."""
+
+    def __init__(self, model: GenerativeRecommender, beam: int) -> None:
+        super().__init__()
+        self.model, self.beam = model, beam
+
+    def forward(
+        self,
+        histories: Tensor,
+        k: Tensor,
+        exclude: Tensor,
+        sid_table: Tensor,
+        view_table: Tensor,
+        *children: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        real = histories >= 0  # (B, M)
+        rows = histories.clamp(min=0)
+        sids = torch.where(real[..., None], sid_table[rows], -1)  # (B, M, D)
+        codes = torch.where(real[..., None, None], view_table[rows], -1)  # (B, M, V, L)
+        result = beam_search(
+            self.model, sids, codes, children, k=k, beam=self.beam, exclude=exclude
+        )
+        return result.items, result.scores
+
+
+class QuantizerGraph(nn.Module):
+    """What `quantizer.onnx` computes for new items: L2-normalised features -> the codes of the
+    content-only fused view (the SID prefix) and of every similarity view; a view a new item
+    cannot have (the behaviour view z_ID) gets -1 codes, which match nothing."""
+
+    def __init__(self, tokenizer: BBQTokenizer, views: tuple[str, ...]) -> None:
+        super().__init__()
+        self.tokenizer, self.views = tokenizer, views
+
+    def forward(self, *features: Tensor) -> tuple[Tensor, Tensor]:
+        tok = self.tokenizer
+        feats = {m: F.normalize(x, dim=-1) for m, x in zip(tok.names, features, strict=True)}
+        content = tok.behaviour_views(feats, None)
+        fused = tok.fuse(content)
+        codes = tok.quantizer(FUSED_VIEW)(fused).codes  # (B, L)
+        content.setdefault(FUSED_VIEW, fused)
+        per_view = [
+            tok.quantizer(v)(content[v]).codes if v in content else torch.full_like(codes, -1)
+            for v in self.views
+        ]
+        return codes, torch.stack(per_view, dim=1)  # (B, L), (B, V, L)
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def popularity(dataset: Dataset, max_len: int) -> np.ndarray:
+    """(N,) interaction counts in the training split: the cold-start ranking."""
+    counts = np.zeros(dataset.num_items, dtype=np.int64)
+    for seq in leave_one_out(dataset, max_len).train:
+        np.add.at(counts, seq, 1)
+    return counts
+
+
+def _export(module: nn.Module, args: tuple[Tensor, ...], path: str, **kwargs: Any) -> None:
+    """The TorchScript-based exporter with constant folding off (keeps k and the tables as graph
+    inputs). torch deprecates it in favour of the dynamo exporter, which needs explicit dynamic
+    shapes for the beam's data-dependent sizes; torch is pinned, see docs/METHOD.md."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(
+            module,
+            args,
+            path,
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=False,
+            **kwargs,
+        )
+
+
+def export_bundle(run: Path, out: Path, dataset: Dataset) -> dict[str, Any]:
+    """Write the bundle of generative run `run` (trained on `dataset`); return its manifest."""
+    model, tables, ckpt = load_generative(run)
+    meta = ckpt["meta"]
+    tokenizer = Tokenizer(Path(meta["tokenizer"]))
+    if tokenizer.item_ids != list(dataset.item_ids):
+        raise ValueError("the run's tokenizer does not match the dataset's catalogue")
+    c = model.config
+    out.mkdir(parents=True, exist_ok=True)
+    trie = Trie.from_sids(tables.sids, c.codebook_size)
+    depth = len(trie.children)
+
+    # recommender.onnx, traced on a small batch with every axis that varies marked dynamic
+    graph = RecommenderGraph(model, int(meta["beam"])).eval()
+    histories = torch.from_numpy(np.array([[-1] * (c.max_items - 2) + [0, 1]] * 2))
+    example = (
+        histories,
+        torch.tensor(10),
+        histories.clone(),
+        torch.from_numpy(tables.sids),
+        torch.from_numpy(tables.view_codes),
+        *trie.children,
+    )
+    trie_names = [f"trie_{d}" for d in range(depth)]
+    dynamic: dict[str, dict[int, str]] = {
+        "histories": {0: "batch", 1: "history"},
+        "exclude": {0: "batch", 1: "excluded"},
+        "sid_table": {0: "items"},
+        "view_table": {0: "items"},
+        "items": {0: "batch", 1: "k"},
+        "scores": {0: "batch", 1: "k"},
+        **{name: {0: f"prefixes_{d}"} for d, name in enumerate(trie_names)},
+    }
+    _export(
+        graph,
+        example,
+        str(out / RECOMMENDER),
+        input_names=[*RECOMMENDER_INPUTS, *trie_names],
+        output_names=list(RECOMMENDER_OUTPUTS),
+        dynamic_axes=dynamic,
+    )
+
+    # quantizer.onnx
+    modalities = list(tokenizer.config.modalities)
+    qgraph = QuantizerGraph(tokenizer.model, tokenizer.view_names).eval()
+    q_example = tuple(torch.randn(2, dim) for _, dim in modalities)
+    q_inputs = [f"features_{name}" for name, _ in modalities]
+    _export(
+        qgraph,
+        q_example,
+        str(out / QUANTIZER),
+        input_names=q_inputs,
+        output_names=["codes", "view_codes"],
+        dynamic_axes={
+            **{n: {0: "batch"} for n in q_inputs},
+            "codes": {0: "batch"},
+            "view_codes": {0: "batch"},
+        },
+    )
+
+    (out / "item_ids.txt").write_text("\n".join(dataset.item_ids) + "\n")
+    np.save(out / "sids.npy", tables.sids.astype(np.int64))
+    np.save(out / "view_codes.npy", tables.view_codes.astype(np.int64))
+    np.save(out / "popularity.npy", popularity(dataset, c.max_items))
+
+    results_path = run / "results.json"
+    files = sorted(p.name for p in out.iterdir() if p.name != MANIFEST)
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "model_version": f"{run.name}-{sha256(out / RECOMMENDER)[:12]}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_sha": git_sha(),
+        "versions": {"torch": torch.__version__, "onnx_opset": OPSET},
+        "dataset": {"name": dataset.name, "path": str(dataset.root), "items": dataset.num_items},
+        "model_config": ckpt["model_config"],
+        "tokenizer_config": {**tokenizer.meta, "config": asdict(tokenizer.config)},
+        "sid_depth": c.sid_levels,
+        "codebook_size": c.codebook_size,
+        "vocab": c.vocab,
+        "views": list(tokenizer.view_names),
+        "max_history": c.max_items,
+        "beam": int(meta["beam"]),
+        "max_k": 100,
+        "modalities": [{"name": n, "dim": d, "input": f"features_{n}"} for n, d in modalities],
+        "recommender": {
+            "file": RECOMMENDER,
+            "inputs": {
+                "histories": ["batch", "history"],
+                "k": [],
+                "exclude": ["batch", "excluded"],
+                "sid_table": ["items", c.sid_levels],
+                "view_table": ["items", tables.view_codes.shape[1], tables.view_codes.shape[2]],
+                **{name: [f"prefixes_{d}", c.codebook_size] for d, name in enumerate(trie_names)},
+            },
+            "outputs": {"items": ["batch", "k"], "scores": ["batch", "k"]},
+        },
+        "quantizer": {
+            "file": QUANTIZER,
+            "inputs": q_inputs,
+            "outputs": {
+                "codes": ["batch", tokenizer.config.levels],
+                "view_codes": ["batch", len(tokenizer.view_names), tokenizer.config.levels],
+            },
+        },
+        "training": json.loads(results_path.read_text()) if results_path.exists() else None,
+        "files": {name: sha256(out / name) for name in files},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest

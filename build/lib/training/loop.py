@@ -1,0 +1,250 @@
+"""The one generic training loop, shared by every model.
+
+A model brings a `loss(batch) -> Tensor` callable, an epoch's batches and a `validate()` that
+returns metrics; the loop owns the optimiser, progress bar, gradient clipping, evaluation
+schedule, early stopping on one validation metric, checkpoints and resume.
+
+Checkpoints are self-describing (`model_config`, `train_config` and a free `meta` dict travel in
+the file), so `load_checkpoint` can rebuild a model without being told any hyperparameter.
+Files are written atomically: a crash mid-write never replaces a good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+BEST = "best.pt"
+LAST = "last.pt"
+HISTORY = "history.json"
+CURVES = "curves.png"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    grad_clip: float = 1.0
+    eval_every: int = 1  # epochs between validations
+    patience: int = 5  # validations without improvement before stopping
+    monitor: str = "ndcg@10"
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA; ignored on the CPU
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1 or self.patience < 1:
+            raise ValueError(f"invalid TrainConfig {self}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_metrics: dict[str, float]
+    epochs_run: int
+    wall_seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no checkpoint")
+    ckpt: dict[str, Any] = torch.load(path, map_location=map_location, weights_only=False)
+    for key in ("model_config", "state_dict", "train_config", "meta"):
+        if key not in ckpt:
+            raise ValueError(f"{path}: not a bbqrec checkpoint (missing {key!r})")
+    return ckpt
+
+
+def plot_history(history: list[dict[str, float]], path: Path, monitor: str) -> None:
+    """Training loss and the monitored validation metric per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
+    left.plot([r["epoch"] for r in history], [r["loss"] for r in history])
+    left.set(title="training loss", xlabel="epoch")
+    evals = [r for r in history if f"valid_{monitor}" in r]
+    right.plot([r["epoch"] for r in evals], [r[f"valid_{monitor}"] for r in evals], marker="o")
+    right.set(title=f"validation {monitor}", xlabel="epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def fit(
+    model: nn.Module,
+    *,
+    model_config: dict[str, Any],
+    loss_fn: Callable[[Any], Tensor],
+    batches: Callable[[np.random.Generator], Iterable[Any]],
+    validate: Callable[[], dict[str, float]],
+    config: TrainConfig,
+    run_dir: Path,
+    meta: dict[str, Any],
+    parameters: Iterable[nn.Parameter] | None = None,
+    on_epoch_end: Callable[[int], dict[str, float]] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> FitResult:
+    """Train `model` until `config.epochs` or early stopping; the best state is left in `model`.
+
+    `batches(rng)` yields one epoch of batches (already on the model's device); `loss_fn(batch)`
+    returns the scalar loss; `validate()` returns metrics that include `config.monitor`.
+    `model_config` rebuilds the model (stored in every checkpoint, compared on resume); `meta`
+    (dataset, model kind, anything a later stage needs) is stored in every checkpoint too.
+    `parameters` limits what the loop's optimiser updates (default: all of `model`), for models
+    that step a part of themselves with their own optimiser inside `loss_fn` (e.g. a CLUB
+    estimator). `on_epoch_end(epoch)` runs after each epoch's updates (e.g. dead-code re-seeding)
+    and may return figures to record in the history.
+    With `resume`, an existing `last.pt` in `run_dir` is continued from its next epoch.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(
+        model.parameters() if parameters is None else parameters,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+    )
+    seed_everything(config.seed)
+    rng = np.random.default_rng(config.seed)
+
+    start_epoch, best_epoch, bad_evals = 1, 0, 0
+    best_metrics: dict[str, float] = {}
+    best_value = -math.inf
+    history: list[dict[str, float]] = []
+    elapsed_before = 0.0
+    if resume and (run_dir / LAST).exists():
+        ckpt = load_checkpoint(run_dir / LAST, map_location=device)
+        if ckpt["model_config"] != model_config:
+            raise ValueError(f"{run_dir / LAST}: model config differs from this run; not resuming")
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        rng.bit_generator.state = ckpt["rng"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        start_epoch = ckpt["epoch"] + 1
+        best_epoch, best_value = ckpt["best_epoch"], ckpt["best_value"]
+        bad_evals = ckpt["bad_evals"]
+        best_metrics, history = ckpt["best_metrics"], ckpt["history"]
+        elapsed_before = ckpt["wall_seconds"]
+        log.info("resuming %s at epoch %d", run_dir, start_epoch)
+
+    def checkpoint(epoch: int, wall: float) -> dict[str, Any]:
+        return {
+            "model_config": model_config,
+            "train_config": asdict(config),
+            "meta": meta,
+            "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "epoch": epoch,
+            "best_epoch": best_epoch,
+            "best_value": best_value,
+            "best_metrics": best_metrics,
+            "bad_evals": bad_evals,
+            "history": history,
+            "wall_seconds": wall,
+        }
+
+    use_amp = config.amp and device.type == "cuda"
+    t0 = time.perf_counter()
+    epochs_run = start_epoch - 1
+    for epoch in range(start_epoch, config.epochs + 1):
+        if bad_evals >= config.patience:  # a resumed run that had already stopped early
+            break
+        model.train()
+        total, count = 0.0, 0
+        bar = tqdm(batches(rng), desc=f"epoch {epoch}", leave=False, disable=not progress)
+        for batch in bar:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = loss_fn(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            total += loss.item()
+            count += 1
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        record: dict[str, float] = {"epoch": float(epoch), "loss": total / max(count, 1)}
+        if on_epoch_end is not None:
+            record |= on_epoch_end(epoch)
+        if epoch % config.eval_every == 0 or epoch == config.epochs:
+            model.eval()
+            with torch.no_grad():
+                metrics = validate()
+            if config.monitor not in metrics:
+                raise KeyError(f"validate() returned no {config.monitor!r}: {sorted(metrics)}")
+            record |= {f"valid_{k}": v for k, v in metrics.items()}
+            if metrics[config.monitor] > best_value:
+                best_value, best_epoch, best_metrics, bad_evals = (
+                    metrics[config.monitor],
+                    epoch,
+                    metrics,
+                    0,
+                )
+                wall = elapsed_before + time.perf_counter() - t0
+                _atomic_save(checkpoint(epoch, wall), run_dir / BEST)
+            else:
+                bad_evals += 1
+        history.append(record)
+        epochs_run = epoch
+        _atomic_save(checkpoint(epoch, elapsed_before + time.perf_counter() - t0), run_dir / LAST)
+        (run_dir / HISTORY).write_text(json.dumps(history, indent=1))
+        plot_history(history, run_dir / CURVES, config.monitor)
+        if progress:
+            shown = {k: round(v, 4) for k, v in record.items() if k != "epoch"}
+            tqdm.write(f"epoch {epoch}: {shown}")
+        if bad_evals >= config.patience:
+            break
+
+    if (run_dir / BEST).exists():
+        model.load_state_dict(load_checkpoint(run_dir / BEST, map_location=device)["state_dict"])
+    return FitResult(
+        best_epoch=best_epoch,
+        best_metrics=best_metrics,
+        epochs_run=epochs_run,
+        wall_seconds=elapsed_before + time.perf_counter() - t0,
+        history=history,
+    )

@@ -1,0 +1,103 @@
+"""The SASRec stage: train on the training split with the generic loop, rank the full catalogue.
+
+Its checkpoint is both our first baseline and the source of the behaviour embeddings
+(`item_embeddings`) that the tokenizer initialises z_ID from; it has only ever seen the
+training split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.sasrec import SASRec, SASRecConfig
+from training.data import Dataset, EvalSplit, leave_one_out, training_windows
+from training.evaluation import evaluate
+from training.loop import BEST, FitResult, TrainConfig, fit, load_checkpoint, resolve_device
+
+KIND = "sasrec"
+
+
+class SASRecRanker:
+    """Full-catalogue ranking with a SASRec model (numpy in, numpy out)."""
+
+    def __init__(self, model: SASRec) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def rank(self, histories: np.ndarray, k: int) -> np.ndarray:
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        scores = self.model.scores(torch.from_numpy(histories).to(device))  # (B, N)
+        return scores.topk(min(k, scores.shape[1]), dim=-1).indices.cpu().numpy()
+
+
+def _window_batches(windows: np.ndarray, batch_size: int, device: torch.device) -> Any:
+    def epoch(rng: np.random.Generator) -> Iterator[torch.Tensor]:
+        order = rng.permutation(len(windows))
+        for start in range(0, len(order), batch_size):
+            yield torch.from_numpy(windows[order[start : start + batch_size]]).to(device)
+
+    return epoch
+
+
+def train_sasrec(
+    dataset: Dataset,
+    model_config: SASRecConfig,
+    train_config: TrainConfig,
+    run_dir: Path,
+    *,
+    device: str = "auto",
+    progress: bool = True,
+) -> tuple[SASRec, FitResult, dict[str, float]]:
+    """Train, select on validation NDCG@10, then report test metrics of the selected model."""
+    if model_config.num_items != dataset.num_items:
+        raise ValueError("model_config.num_items does not match the dataset")
+    dev = resolve_device(device)
+    split = leave_one_out(dataset, model_config.max_len)
+    windows = training_windows(split.train, model_config.max_len)
+    torch.manual_seed(train_config.seed)
+    model = SASRec(model_config).to(dev)
+    result = fit(
+        model,
+        model_config=asdict(model_config),
+        loss_fn=model.loss,
+        batches=_window_batches(windows, train_config.batch_size, dev),
+        validate=lambda: evaluate(SASRecRanker(model), split.valid, seed=train_config.seed),
+        config=train_config,
+        run_dir=run_dir,
+        meta={
+            "kind": KIND,
+            "dataset": str(dataset.root),
+            "dataset_name": dataset.name,
+            "num_items": dataset.num_items,
+            "device": str(dev),
+        },
+        progress=progress,
+    )
+    test = evaluate(SASRecRanker(model), split.test, seed=train_config.seed)
+    return model, result, test
+
+
+def load_sasrec(run_dir: Path, device: str = "cpu") -> tuple[SASRec, dict[str, Any]]:
+    """Rebuild the selected (best-on-validation) SASRec of a run from its checkpoint alone."""
+    ckpt = load_checkpoint(run_dir / BEST, map_location=device)
+    if ckpt["meta"].get("kind") != KIND:
+        raise ValueError(f"{run_dir}: not a SASRec run (kind={ckpt['meta'].get('kind')!r})")
+    model = SASRec(SASRecConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), ckpt
+
+
+def evaluate_sasrec(model: SASRec, split: EvalSplit) -> dict[str, float]:
+    return evaluate(SASRecRanker(model), split)
+
+
+def item_embeddings(model: SASRec) -> np.ndarray:
+    """(N, D) learned item embeddings, row i = dataset item i (the tokenizer's z_ID init)."""
+    return model.item_weights().detach().cpu().numpy().astype(np.float32)
