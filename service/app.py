@@ -260,11 +260,14 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             )
         exclude = indices if body.exclude_seen else np.empty(0, dtype=np.int64)
         found, scores = await svc.batcher.submit(indices, body.k, exclude)
+        # The batch may have run on a newer snapshot (an item added meanwhile); snapshots only
+        # grow, so the latest one maps every returned index.
+        latest = svc.bundle.catalogue
         items = [
             RecommendedItem(
-                item_id=catalogue.item_ids[i],
+                item_id=latest.item_ids[i],
                 score=float(s),
-                semantic_id=catalogue.sids[i].tolist(),
+                semantic_id=latest.sids[i].tolist(),
             )
             for i, s in zip(found.tolist(), scores.tolist(), strict=True)
             if i >= 0
