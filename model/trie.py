@@ -32,3 +32,14 @@ def trie_tables(sids: np.ndarray, codebook_size: int) -> list[np.ndarray]:
             prefix = new_prefix.reshape(-1)
         children.append(table)
     return children
+
+
+def next_free_extra(sids: np.ndarray, prefix: np.ndarray, codebook_size: int) -> int:
+    """Smallest extra-level index (last SID column) not yet used by an item whose other codes
+    equal `prefix`: where a new item with that prefix goes (deterministic)."""
+    prefix = np.asarray(prefix, dtype=np.int64)
+    used = set(sids[(sids[:, :-1] == prefix).all(axis=1), -1].tolist())
+    free = next((j for j in range(codebook_size) if j not in used), None)
+    if free is None:
+        raise ValueError(f"SID prefix {prefix.tolist()} already holds {codebook_size} items")
+    return free

@@ -6,57 +6,14 @@ refuses a missing, incomplete, corrupt or mismatched bundle with a message that 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from model.trie import trie_tables
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-
-
-class BundleError(ValueError):
-    """The bundle is missing, incomplete, corrupt or of another format."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest, after checking that every listed file is present and unchanged."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise BundleError(f"{manifest_path}: missing; not a bundle directory")
-    try:
-        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{manifest_path}: invalid JSON ({e.msg})") from e
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"{manifest_path}: format version {manifest.get('format_version')!r}, this loader "
-            f"reads {FORMAT_VERSION}"
-        )
-    for name, digest in manifest.get("files", {}).items():
-        file = path / name
-        if not file.is_file():
-            raise BundleError(f"{file}: listed in the manifest but missing")
-        if sha256(file) != digest:
-            raise BundleError(f"{file}: sha256 does not match the manifest (corrupt or replaced)")
-    for required in ("recommender.onnx", "quantizer.onnx", "sids.npy", "item_ids.txt"):
-        if required not in manifest.get("files", {}):
-            raise BundleError(f"{manifest_path}: incomplete bundle, {required} not listed")
-    return manifest
+from model.trie import next_free_extra, trie_tables
+from service.manifest import BundleError, read_manifest
 
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
@@ -101,12 +58,7 @@ class Catalogue:
 
     def next_extra(self, codes: np.ndarray) -> int:
         """Smallest extra-level index not yet used under this SID prefix (deterministic)."""
-        prefix = np.asarray(codes, dtype=np.int64)
-        used = set(self.sids[(self.sids[:, :-1] == prefix).all(axis=1), -1].tolist())
-        free = next((j for j in range(self.codebook_size) if j not in used), None)
-        if free is None:
-            raise ValueError(f"SID prefix {prefix.tolist()} holds {self.codebook_size} items")
-        return free
+        return next_free_extra(self.sids, codes, self.codebook_size)
 
 
 class Bundle:

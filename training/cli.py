@@ -208,7 +208,8 @@ def evaluate(
     if (run is None) == (bundle is None):
         raise _fail("give exactly one of --run and --bundle")
     if bundle is not None:
-        from service.bundle import Bundle, BundleError
+        from service.bundle import Bundle
+        from service.manifest import BundleError
 
         try:
             loaded = Bundle(bundle)

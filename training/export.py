@@ -34,16 +34,14 @@ from torch import Tensor, nn
 
 from model.generative import GenerativeRecommender, Trie, beam_search
 from model.tokenizer import FUSED_VIEW, BBQTokenizer
-from service.bundle import sha256
+from service.manifest import FORMAT_VERSION, MANIFEST, sha256
 from training.data import Dataset, leave_one_out
 from training.generative import load_generative
 from training.tokenize import Tokenizer
 
-FORMAT_VERSION = 1
 OPSET = 18
 RECOMMENDER = "recommender.onnx"
 QUANTIZER = "quantizer.onnx"
-MANIFEST = "manifest.json"
 RECOMMENDER_INPUTS = ("histories", "k", "exclude", "sid_table", "view_table")
 RECOMMENDER_OUTPUTS = ("items", "scores")
 

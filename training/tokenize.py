@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.tokenizer import FUSED_VIEW, BBQTokenizer, TokenizerConfig
+from model.trie import next_free_extra
 from training.data import Dataset, leave_one_out
 from training.features import DEFAULT_CACHE_DIR, load_modalities
 from training.loop import TrainConfig, fit, resolve_device
@@ -115,9 +116,6 @@ class SemanticIds:
         self._by_sid = {tuple(int(c) for c in row): i for i, row in enumerate(self.sids)}
         if len(self._by_sid) != len(self.sids):
             raise ValueError("semantic IDs are not unique")
-        self._used: dict[tuple[int, ...], set[int]] = {}
-        for row in self.sids:
-            self._used.setdefault(tuple(int(c) for c in row[:-1]), set()).add(int(row[-1]))
 
     def item(self, sid: tuple[int, ...]) -> int | None:
         return self._by_sid.get(sid)
@@ -129,11 +127,7 @@ class SemanticIds:
 
     def next_extra(self, codes: tuple[int, ...], codebook_size: int) -> int:
         """Smallest free extra-level index for a new item with these L codes."""
-        used = self._used.get(codes, set())
-        free = next((j for j in range(codebook_size) if j not in used), None)
-        if free is None:
-            raise ValueError(f"code prefix {codes} already holds {codebook_size} items")
-        return free
+        return next_free_extra(self.sids, np.array(codes), codebook_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from model.generative import Trie, beam_search
-from service.bundle import Bundle, BundleError, Catalogue
+from service.bundle import Bundle, Catalogue
+from service.manifest import BundleError
 from training.cli import app
 from training.data import PAD, left_pad, load_dataset
 from training.generative import load_generative
