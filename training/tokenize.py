@@ -140,26 +140,30 @@ def _to(mods: dict[str, np.ndarray], rows: np.ndarray, device: torch.device) -> 
 
 
 @torch.no_grad()
-def fused_views(
+def all_views(
     model: BBQTokenizer, mods: dict[str, np.ndarray], *, with_id: bool, batch: int = 2048
-) -> np.ndarray:
-    """(N, code_dim) fused view of every item (with z_ID, or content only for cold start)."""
+) -> dict[str, Tensor]:
+    """Every item's behaviour views and fused view, (N, code_dim) each on the CPU; `with_id`
+    False gives the content-only views a new item would have."""
     model.eval()
     device = next(model.parameters()).device
     n = len(next(iter(mods.values())))
-    out = []
+    parts: dict[str, list[Tensor]] = {}
     for start in range(0, n, batch):
         rows = np.arange(start, min(start + batch, n))
         items = torch.from_numpy(rows).to(device) if with_id else None
-        out.append(model.encode(_to(mods, rows, device), items).cpu())
-    return torch.cat(out).numpy()
+        views = model.behaviour_views(_to(mods, rows, device), items)
+        views.setdefault(FUSED_VIEW, model.fuse(views))
+        for name, v in views.items():
+            parts.setdefault(name, []).append(v.cpu())
+    return {name: torch.cat(v) for name, v in parts.items()}
 
 
 @torch.no_grad()
 def assign_sids(model: BBQTokenizer, mods: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(codes (N, L) before the extra level, sids (N, L+1)); fits the extra-level embedding to the
     residual the L codes leave, averaged over the items holding each extra index."""
-    fused = torch.from_numpy(fused_views(model, mods, with_id=bool(model.config.id_dim)))
+    fused = all_views(model, mods, with_id=bool(model.config.id_dim))[FUSED_VIEW]
     device = next(model.parameters()).device
     rq = model.quantizer(FUSED_VIEW)
     codes = rq(fused.to(device)).codes.cpu().numpy()
@@ -204,13 +208,7 @@ def train_tokenizer(
     all_rows = np.arange(dataset.num_items)
 
     def views_of_all() -> dict[str, Tensor]:
-        with torch.no_grad():
-            model.eval()
-            feats = _to(mods, all_rows, dev)
-            items = torch.from_numpy(all_rows).to(dev)
-            views = model.behaviour_views(feats, items)
-            views[FUSED_VIEW] = model.fuse(views)
-        return {k: v.cpu() for k, v in views.items()}
+        return all_views(model, mods, with_id=bool(config.id_dim))
 
     # k-means initialisation of every codebook on the untrained encoders' outputs.
     def quantizer_data(views: dict[str, Tensor], key: str) -> Tensor:
@@ -318,7 +316,7 @@ def tokenizer_metrics(
 ) -> dict[str, Any]:
     c = model.config
     device = next(model.parameters()).device
-    fused = torch.from_numpy(fused_views(model, mods, with_id=bool(c.id_dim))).to(device)
+    fused = all_views(model, mods, with_id=bool(c.id_dim))[FUSED_VIEW].to(device)
     recon_sid = model.decode_sid(torch.from_numpy(sids).to(device))
     recon_codes = model.quantizer(FUSED_VIEW).decode(torch.from_numpy(codes).to(device))
     recon_se = dict.fromkeys(model.names, 0.0)
@@ -446,16 +444,9 @@ class Tokenizer:
         """(N, V, L) codes of every catalogue item's views (`mods` L2-normalised, catalogue
         order), from the views' own quantizers."""
         device = next(self.model.parameters()).device
-        n = len(next(iter(mods.values())))
-        out = []
-        for start in range(0, n, 2048):
-            rows = np.arange(start, min(start + 2048, n))
-            items = torch.from_numpy(rows).to(device) if self.config.id_dim else None
-            views = self.model.behaviour_views(_to(mods, rows, device), items)
-            views.setdefault(FUSED_VIEW, self.model.fuse(views))
-            codes = [self.model.quantizer(v)(views[v]).codes for v in self.view_names]
-            out.append(torch.stack(codes, dim=1).cpu())
-        return torch.cat(out).numpy()
+        views = all_views(self.model, mods, with_id=bool(self.config.id_dim))
+        codes = [self.model.quantizer(v)(views[v].to(device)).codes for v in self.view_names]
+        return torch.stack(codes, dim=1).cpu().numpy()
 
     @torch.no_grad()
     def item_representations(self) -> np.ndarray:

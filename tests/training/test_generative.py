@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 from typer.testing import CliRunner
 
-from tests.conftest import TINY_GENERATIVE
 from training.cli import app
 from training.generative import CatalogueTables
 
@@ -25,29 +24,9 @@ def test_tables_gather_histories_with_padding() -> None:
 
 
 def test_train_then_evaluate_reproduces_the_recorded_metrics(
-    tiny_tokenizer: Path, tmp_path: Path
+    exported: tuple[Path, Path],
 ) -> None:
-    cfg = tmp_path / "gen.json"
-    cfg.write_text(json.dumps(TINY_GENERATIVE))
-    out = tmp_path / "run"
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--out",
-            str(out),
-            "--tokenizer",
-            str(tiny_tokenizer),
-            "--config",
-            str(cfg),
-            "--epochs",
-            "1",
-            "--no-progress",
-            "--device",
-            "cpu",
-        ],
-    )
-    assert result.exit_code == 0, result.output
+    out = exported[0]  # `bbqrec train` on the tiny tokenizer, run by the shared fixture
     recorded = json.loads((out / "results.json").read_text())
     assert (out / "curves.png").exists()
     assert recorded["config"]["model"]["num_views"] == 2  # image and text behaviour views
