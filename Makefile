@@ -31,6 +31,8 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mypy deploy/docker/requirements.py deploy/loadtest
+	$(BIN)/hadolint --config deploy/docker/hadolint.yaml Dockerfile
 
 clean:
 	rm -rf $(VENV) runs .mypy_cache .ruff_cache .pytest_cache
