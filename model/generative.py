@@ -123,19 +123,27 @@ class Attention(nn.Module):
         self.kv = nn.Linear(d_model, 2 * heads * d_kv, bias=False)
         self.o = nn.Linear(heads * d_kv, d_model, bias=False)
 
-    def forward(self, x: Tensor, memory: Tensor, bias: Tensor) -> Tensor:
-        # x: (R * B, Tq, d), R query rows (beams) per memory row; memory: (B, Tk, d);
-        # bias: broadcastable to (B, H, R * Tq, Tk), masking included
+    def keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, Tk, d) -> keys and values, (B, H, Tk, dk) each."""
         B, Tk, _ = memory.shape
-        R, Tq = x.shape[0] // B, x.shape[1]
-        # Keys and values once per memory row; the R rows sharing it join the query axis.
-        q = self.q(x).view(B, R * Tq, self.heads, self.d_kv).transpose(1, 2)  # (B, H, R*Tq, dk)
         k, v = self.kv(memory).view(B, Tk, 2, self.heads, self.d_kv).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        # x: (R * B, Tq, d), R query rows (beams) per key row; k, v: (B, H, Tk, dk);
+        # bias: broadcastable to (B, H, R * Tq, Tk), masking included
+        B = k.shape[0]
+        R, Tq = x.shape[0] // B, x.shape[1]
+        # Keys and values once per key row; the R rows sharing it join the query axis.
+        q = self.q(x).view(B, R * Tq, self.heads, self.d_kv).transpose(1, 2)  # (B, H, R*Tq, dk)
         logits = q @ k.transpose(-1, -2) / math.sqrt(self.d_kv) + bias  # (B, H, R*Tq, Tk)
         attn = torch.softmax(logits, dim=-1)
         y = (attn @ v).transpose(1, 2).reshape(B * R, Tq, self.heads * self.d_kv)
         out: Tensor = self.o(y)
         return out
+
+    def forward(self, x: Tensor, memory: Tensor, bias: Tensor) -> Tensor:
+        return self.attend(x, *self.keys_values(memory), bias)
 
 
 class FeedForward(nn.Sequential):
@@ -175,6 +183,28 @@ class DecoderBlock(nn.Module):
         y = y + self.drop(self.cross(self.ln2(y), memory, cross_bias))
         out: Tensor = y + self.drop(self.ff(self.ln3(y)))
         return out
+
+    def step(
+        self,
+        y: Tensor,
+        past: KeyValues | None,
+        cross: KeyValues,
+        self_bias: Tensor,
+        cross_bias: Tensor,
+    ) -> tuple[Tensor, KeyValues]:
+        """One new position per row, `y` (B', 1, d), attending to the cached keys and values
+        `past` ((B', H, t, dk) each) of the earlier positions; returns them extended by one."""
+        h = self.ln1(y)
+        k, v = self.self_attn.keys_values(h)  # (B', H, 1, dk)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        y = y + self.drop(self.self_attn.attend(h, k, v, self_bias))
+        y = y + self.drop(self.cross.attend(self.ln2(y), *cross, cross_bias))
+        out: Tensor = y + self.drop(self.ff(self.ln3(y)))
+        return out, (k, v)
+
+
+KeyValues = tuple[Tensor, Tensor]  # attention keys and values, (B, H, T, dk) each
 
 
 class Encoded(NamedTuple):
@@ -260,7 +290,6 @@ class GenerativeRecommender(nn.Module):
     def decode(self, enc: Encoded, prefix: Tensor) -> Tensor:
         """Logits (B', t, K) for decoder input `prefix` (B', t) of token ids starting with BOS;
         B' may be a multiple of the encoder batch (beams), rows repeated in order."""
-        c = self.config
         t = prefix.shape[1]
         cross = torch.where(enc.mask, 0.0, NEG)[:, None, None, :]  # (B, 1, 1, T)
         causal = torch.full((t, t), NEG, device=prefix.device).triu(1)
@@ -269,10 +298,46 @@ class GenerativeRecommender(nn.Module):
         for block in self.decoder:
             y = block(y, enc.memory, self_bias, cross)
         h = self.dec_ln(y)  # (B', t, d)
-        # Level d's output embeddings are the input embeddings of level d's code tokens.
+        return torch.einsum("btd,tkd->btk", h, self._output_embeddings(t))
+
+    def _output_embeddings(self, levels: int) -> Tensor:
+        """(levels, K, d): level d's output embeddings are the input embeddings of its codes."""
+        c = self.config
         out_emb = self.tok_emb.weight[1 : 1 + c.sid_levels * c.codebook_size]
-        out_emb = out_emb.view(c.sid_levels, c.codebook_size, c.d_model)[:t]  # (t, K, d)
-        return torch.einsum("btd,tkd->btk", h, out_emb)
+        return out_emb.view(c.sid_levels, c.codebook_size, c.d_model)[:levels]
+
+    def _decoder_blocks(self) -> list[DecoderBlock]:
+        return [cast(DecoderBlock, block) for block in self.decoder]
+
+    def cross_keys_values(self, enc: Encoded) -> tuple[KeyValues, ...]:
+        """Each decoder layer's cross-attention keys and values: computed once per search."""
+        return tuple(block.cross.keys_values(enc.memory) for block in self._decoder_blocks())
+
+    def decode_step(
+        self,
+        enc: Encoded,
+        cross: tuple[KeyValues, ...],
+        past: tuple[KeyValues, ...] | None,
+        token: Tensor,
+        position: int,
+    ) -> tuple[Tensor, tuple[KeyValues, ...]]:
+        """Incremental `decode`: logits (B', K) at decoder `position` for the input tokens
+        `token` (B',), given the self-attention keys and values `past` of positions
+        0..position-1 (None at position 0); returns them extended by this position. Equals
+        `decode(enc, prefix)[:, position]` for the prefix whose last token is `token`."""
+        cross_bias = torch.where(enc.mask, 0.0, NEG)[:, None, None, :]  # (B, 1, 1, T)
+        n = position + 1
+        # query `position` against keys 0..position: the last row of the relative bias
+        self_bias = self._rel_bias(self.dec_rel, n, n, bidirectional=False)[:, :, -1:]
+        y = self.drop(self.tok_emb(token.unsqueeze(1)))  # (B', 1, d)
+        layers = []
+        for layer, block in enumerate(self._decoder_blocks()):
+            y, kv = block.step(
+                y, None if past is None else past[layer], cross[layer], self_bias, cross_bias
+            )
+            layers.append(kv)
+        h = self.dec_ln(y)[:, 0]  # (B', d)
+        return h @ self._output_embeddings(n)[position].T, tuple(layers)  # (B', K)
 
     def forward(
         self,
@@ -281,10 +346,16 @@ class GenerativeRecommender(nn.Module):
         target_sids: Tensor,
         target_repr: Tensor | None = None,
         target_items: Tensor | None = None,
+        s2i_offset: int = 0,
     ) -> GenRecOutput:
         """Teacher-forced loss for next items `target_sids` (B, D); `target_repr` (B, item_dim)
         is the target's quantized representation for the s2i loss and `target_items` (B,) its
-        index (in-batch duplicates of the target are not used as negatives)."""
+        index (in-batch duplicates of the target are not used as negatives).
+
+        `target_repr` (C, item_dim) and `target_items` (C,) may cover a larger batch than these
+        B rows, which are then its rows `s2i_offset .. s2i_offset + B - 1`: data-parallel
+        training passes each process the whole global batch's targets, so its s2i negatives are
+        those of single-process training."""
         c = self.config
         enc = self.encode(sids, view_codes)
         targets = sid_tokens(target_sids, c.codebook_size)  # (B, D)
@@ -295,13 +366,13 @@ class GenerativeRecommender(nn.Module):
         if c.s2i_weight > 0 and target_repr is not None:
             seq = F.normalize(self.seq_proj(enc.pooled), dim=-1)  # (B, item_dim)
             item = F.normalize(target_repr, dim=-1)
-            sim = seq @ item.T / c.s2i_temperature  # (B, B)
+            sim = seq @ item.T / c.s2i_temperature  # (B, C)
+            positive = torch.arange(len(sim), device=sim.device) + s2i_offset  # (B,)
             if target_items is not None:
-                same = target_items[:, None] == target_items[None, :]
-                sim = sim.masked_fill(
-                    same & ~torch.eye(len(sim), dtype=torch.bool, device=sim.device), NEG
-                )
-            s2i = F.cross_entropy(sim, torch.arange(len(sim), device=sim.device))
+                same = target_items[positive][:, None] == target_items[None, :]  # (B, C)
+                own = positive[:, None] == torch.arange(sim.shape[1], device=sim.device)
+                sim = sim.masked_fill(same & ~own, NEG)
+            s2i = F.cross_entropy(sim, positive)
         return GenRecOutput(
             loss=gen + c.s2i_weight * s2i, generation_loss=gen, s2i_loss=s2i, logits=logits
         )
@@ -341,13 +412,19 @@ def beam_search(
     k: int | Tensor,
     beam: int,
     exclude: Tensor | None = None,
+    num_items: int | None = None,
 ) -> BeamResult:
     """Top-k items by beam search constrained to the trie `children` (`Trie.children`).
 
-    `exclude` (B, E) item indices (-1 = none) are removed at the last step (already seen items).
+    `exclude` (B, E) item indices (-1 = none) are removed at the last step (already seen items);
+    `num_items` is the catalogue size (default: read off the last trie table).
     The beam keeps max(beam, k) prefixes; with that at least the number of valid prefixes at
     every depth the search is exhaustive. `k` may be a 0-d tensor and nothing branches on tensor
     values, so the whole search exports to one ONNX graph with a runtime k.
+
+    Each step runs the decoder on the new token only, with the earlier positions' self-attention
+    keys and values cached (and reordered with their beams) and the cross-attention keys and
+    values computed once: equal to re-running the decoder on the whole prefix.
     """
     if isinstance(k, int) and beam < k:
         raise ValueError(f"beam ({beam}) must be >= k ({k})")
@@ -357,22 +434,33 @@ def beam_search(
     k_t = torch.as_tensor(k, dtype=torch.long, device=device)
     width = torch.maximum(k_t, torch.tensor(beam, device=device))  # () beam width
     enc = model.encode(sids, view_codes)
+    cross = model.cross_keys_values(enc)
+    past: tuple[KeyValues, ...] | None = None
+    seen_mask: Tensor | None = None
+    if exclude is not None:
+        # a traced size (the SID table's rows) in an exported graph: new items fit
+        n = int(children[-1].max()) + 1 if num_items is None else num_items
+        # (B, 1 + N) with column 1 + i set when item i is excluded (column 0 takes the -1s):
+        # one scatter, then one gather per candidate instead of comparing against every item
+        seen_mask = torch.zeros(B, n + 1, dtype=torch.bool, device=device).scatter(
+            1, exclude + 1, torch.ones_like(exclude, dtype=torch.bool)
+        )
     prefix_ids = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, W) trie prefix ids
     scores = torch.zeros(B, 1, device=device)  # (B, W)
-    tokens = torch.full((B, 1, 1), c.bos, dtype=torch.long, device=device)  # (B, W, t)
+    token = torch.full((B,), c.bos, dtype=torch.long, device=device)  # (B * W,) last tokens
     for d in range(c.sid_levels):
         W = prefix_ids.shape[1]
         last = d == c.sid_levels - 1
         # `keep` is a 0-d tensor: it stays symbolic in an exported graph; torch takes it as a
         # size at run time, its type stubs only know ints.
         keep = cast(int, k_t if last else width)
-        logits = model.decode(enc, tokens.reshape(B * W, d + 1))[:, d]  # (B*W, K)
+        logits, past = model.decode_step(enc, cross, past, token, d)  # (B*W, K)
         logp = torch.log_softmax(logits.float(), dim=-1).view(B, W, c.codebook_size)
         nxt = children[d][prefix_ids.clamp(min=0)]  # (B, W, K)
         valid = (nxt >= 0) & (prefix_ids >= 0).unsqueeze(-1)
-        if last and exclude is not None:
-            seen = (nxt.unsqueeze(-1) == exclude[:, None, None, :]).any(dim=-1)
-            valid = valid & ~seen
+        if last and seen_mask is not None:
+            seen = seen_mask.gather(1, (nxt + 1).clamp(min=0).reshape(B, -1))  # (B, W*K)
+            valid = valid & ~seen.view_as(valid)
         cand = torch.where(valid, scores.unsqueeze(-1) + logp, NEG).reshape(B, -1)  # (B, W*K)
         # Pad with `keep` dead candidates so topk(keep) is valid even for tiny catalogues.
         pad_scores = torch.full_like(cand[:, :1], NEG).expand(B, keep)
@@ -382,8 +470,9 @@ def beam_search(
         )
         scores, flat = cand.topk(keep, dim=-1)  # (B, W')
         prefix_ids = torch.where(scores > NEG / 2, cand_ids.gather(1, flat), -1)
-        parent = (flat // c.codebook_size).clamp(max=W - 1)  # padded candidates: any parent
-        level_tok = 1 + d * c.codebook_size + flat % c.codebook_size
-        history = tokens.gather(1, parent.unsqueeze(-1).expand(-1, -1, d + 1))
-        tokens = torch.cat([history, level_tok.unsqueeze(-1)], dim=-1)
+        if not last:
+            parent = (flat // c.codebook_size).clamp(max=W - 1)  # padded candidates: any parent
+            rows = (torch.arange(B, device=device)[:, None] * W + parent).reshape(-1)  # (B*W',)
+            past = tuple((kk.index_select(0, rows), vv.index_select(0, rows)) for kk, vv in past)
+            token = (1 + d * c.codebook_size + flat % c.codebook_size).reshape(-1)
     return BeamResult(items=prefix_ids, scores=scores)

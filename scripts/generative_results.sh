@@ -5,6 +5,7 @@
 # Needs runs/sasrec/NAME/seed0 (z_ID initialisation; trained on the training split only).
 # TOK_EPOCHS (default 100) sets the tokenizer's epochs: 30 on Beauty/Sports (24-36 steps an epoch)
 # gives about the step count of 100 on Scientific-mm (4 steps an epoch).
+# MODELS and SEEDS (space-separated) pick a subset, e.g. MODELS="bbqrec tiger" SEEDS="0 1 2".
 # Every stage resumes: rerunning after an interruption continues where it stopped.
 set -euo pipefail
 profile=$1 name=$2 dir=$3 runs=${4:-runs}
@@ -20,14 +21,14 @@ declare -A models=(
   [no-reweight]="bbqrec no-reweight"
   [no-s2i]="bbqrec no-s2i"
 )
-for model in tiger bbqrec no-club no-shared-codebook no-zid no-reweight no-s2i; do
+for model in ${MODELS:-tiger bbqrec no-club no-shared-codebook no-zid no-reweight no-s2i}; do
   read -r tok_variant gen_variant <<< "${models[$model]}"
   tok=$runs/tok/$name/$tok_variant
   if [ ! -f "$tok/tokenizer.pt" ]; then
     bbqrec tokenize --dataset "$dir" --variant "$tok_variant" --sasrec "$sasrec" \
       --epochs "$tok_epochs" --out "$tok" --no-progress
   fi
-  for seed in 0 1 2; do
+  for seed in ${SEEDS:-0 1 2}; do
     out=$runs/generative/$profile/$name/$model/seed$seed
     [ -f "$out/results.json" ] && continue
     bbqrec train --dataset "$dir" --tokenizer "$tok" --profile "$profile" --variant "$gen_variant" \

@@ -67,7 +67,14 @@ class RecommenderGraph(nn.Module):
         sids = torch.where(real[..., None], sid_table[rows], -1)  # (B, M, D)
         codes = torch.where(real[..., None, None], view_table[rows], -1)  # (B, M, V, L)
         result = beam_search(
-            self.model, sids, codes, children, k=k, beam=self.beam, exclude=exclude
+            self.model,
+            sids,
+            codes,
+            children,
+            k=k,
+            beam=self.beam,
+            exclude=exclude,
+            num_items=sid_table.shape[0],
         )
         return result.items, result.scores
 

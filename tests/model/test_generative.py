@@ -136,6 +136,25 @@ def exhaustive_scores(
     return torch.stack(rows)
 
 
+def test_incremental_decoding_equals_full_decode() -> None:
+    """The cached one-token decoder steps of beam search = the decoder over the whole prefix,
+    also when beams (rows of the cache) repeat an encoder row."""
+    torch.manual_seed(3)
+    model = GenerativeRecommender(config()).eval()
+    sids, codes = histories()
+    with torch.no_grad():
+        enc = model.encode(sids, codes)
+        beams = 3
+        targets = sid_tokens(torch.from_numpy(SIDS[[0, 4, 8] * len(sids)]), K)  # (B*3, D)
+        prefix = torch.cat([torch.full_like(targets[:, :1], model.config.bos), targets], dim=1)
+        full = model.decode(enc, prefix[:, :D])  # (B*3, D, K)
+        cross, past = model.cross_keys_values(enc), None
+        for d in range(D):
+            step, past = model.decode_step(enc, cross, past, prefix[:, d], d)
+            assert step.shape == (len(sids) * beams, K)
+            torch.testing.assert_close(step, full[:, d], atol=1e-5, rtol=1e-5)
+
+
 def test_full_beam_equals_exhaustive_scoring() -> None:
     torch.manual_seed(1)
     model = GenerativeRecommender(config()).eval()
