@@ -59,6 +59,9 @@ def hardware() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        info["world_size"] = torch.distributed.get_world_size()
+        info["backend"] = torch.distributed.get_backend()
     return info
 
 
@@ -168,8 +171,10 @@ def train_sasrec_cmd(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Train the SASRec baseline; resumes from OUT/last.pt when present."""
+    """Train the SASRec baseline; resumes from OUT/last.pt when present. Data-parallel when
+    launched by torchrun (see `training.distributed`)."""
     from model.sasrec import SASRecConfig
+    from training.distributed import launched
     from training.loop import TrainConfig
     from training.sasrec import train_sasrec
 
@@ -178,9 +183,13 @@ def train_sasrec_cmd(
     model_cfg = build_config(SASRecConfig, cfg.get("model", {}), num_items=ds.num_items)
     train_cfg = build_config(TrainConfig, cfg.get("train", {}), seed=seed, epochs=epochs)
     start = time.perf_counter()
-    _, result, test = train_sasrec(ds, model_cfg, train_cfg, out, device=device, progress=progress)
-    config_used = {"model": asdict(model_cfg), "train": asdict(train_cfg)}
-    write_results(out, ds, config_used, result, test, start)
+    with launched(device) as dist:
+        _, result, test = train_sasrec(
+            ds, model_cfg, train_cfg, out, device=device, progress=progress, dist=dist
+        )
+        config_used = {"model": asdict(model_cfg), "train": asdict(train_cfg)}
+        if dist.is_main:
+            write_results(out, ds, config_used, result, test, start)
 
 
 @app.command()
@@ -354,8 +363,10 @@ def train(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Train the generative recommender on a tokenizer's semantic IDs; resumes from OUT."""
+    """Train the generative recommender on a tokenizer's semantic IDs; resumes from OUT.
+    Data-parallel when launched by torchrun (see `training.distributed`)."""
     from model.generative import GenRecConfig
+    from training.distributed import launched
     from training.generative import CatalogueTables, train_generative
     from training.loop import TrainConfig
     from training.tokenize import Tokenizer
@@ -391,24 +402,27 @@ def train(
         "variant": variant,
         "profile": profile,
     }
-    _, result, test = train_generative(
-        ds,
-        tables,
-        model_cfg,
-        train_cfg,
-        out,
-        beam=beam,
-        meta=meta,
-        device=device,
-        progress=progress,
-    )
-    config_used = {
-        "model": asdict(model_cfg),
-        "train": asdict(train_cfg),
-        "beam": beam,
-        "tokenizer": str(tokenizer),
-    }
-    write_results(out, ds, config_used, result, test, start)
+    with launched(device) as dist:
+        _, result, test = train_generative(
+            ds,
+            tables,
+            model_cfg,
+            train_cfg,
+            out,
+            beam=beam,
+            meta=meta,
+            device=device,
+            progress=progress,
+            dist=dist,
+        )
+        config_used = {
+            "model": asdict(model_cfg),
+            "train": asdict(train_cfg),
+            "beam": beam,
+            "tokenizer": str(tokenizer),
+        }
+        if dist.is_main:
+            write_results(out, ds, config_used, result, test, start)
 
 
 # Tokenizer variants: BBQRec, the TIGER-style baseline and the ablations, as config overrides.

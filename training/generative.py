@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from model.generative import GenerativeRecommender, GenRecConfig, Trie, beam_search
 from training.data import Dataset, EvalSplit, leave_one_out, training_prefixes
+from training.distributed import SINGLE, Distributed, Shard, global_batches
 from training.evaluation import evaluate
 from training.loop import BEST, FitResult, TrainConfig, fit, load_checkpoint, resolve_device
 from training.tokenize import Tokenizer, normalised_modalities
@@ -78,6 +79,53 @@ class GenerativeRanker:
         return result.items.cpu().numpy()
 
 
+class Batch(NamedTuple):
+    """This process's rows of a global batch, with the whole global batch's targets: they are
+    the s2i loss's negatives, the same on every process as in single-process training."""
+
+    sids: Tensor  # (b, M, D) history SIDs, -1 on padding
+    codes: Tensor  # (b, M, V, L) history view codes, -1 on padding
+    target_sids: Tensor  # (b, D) SIDs of this process's targets
+    target_repr: Tensor  # (B, item_dim) the global batch's target representations
+    targets: Tensor  # (B,) the global batch's target items; ours are offset .. offset + b - 1
+    offset: int
+    scale: float  # `Shard.scale`: 1.0 in single-process training
+
+    @staticmethod
+    def of(
+        tables: CatalogueTables,
+        histories: np.ndarray,
+        targets: np.ndarray,
+        rows: np.ndarray,
+        part: Shard,
+        device: torch.device,
+    ) -> Batch:
+        """The batch of training examples `rows` (a global batch) that `part` gives this rank."""
+        sids, codes = tables.gather(histories[part.rows])
+        return Batch(
+            sids=torch.from_numpy(sids).to(device),
+            codes=torch.from_numpy(codes).to(device),
+            target_sids=torch.from_numpy(tables.sids[targets[part.rows]]).to(device),
+            target_repr=torch.from_numpy(tables.item_repr[targets[rows]]).to(device),
+            targets=torch.from_numpy(targets[rows]).to(device),
+            offset=part.offset,
+            scale=part.scale,
+        )
+
+    def loss(self, model: GenerativeRecommender) -> Tensor:
+        """This rank's mean loss times its scale: the mean over ranks is the global batch's."""
+        out = model(
+            self.sids,
+            self.codes,
+            self.target_sids,
+            self.target_repr,
+            self.targets,
+            s2i_offset=self.offset,
+        )
+        loss: Tensor = out.loss * self.scale
+        return loss
+
+
 def train_generative(
     dataset: Dataset,
     tables: CatalogueTables,
@@ -89,28 +137,25 @@ def train_generative(
     meta: dict[str, Any],
     device: str = "auto",
     progress: bool = True,
+    dist: Distributed = SINGLE,
 ) -> tuple[GenerativeRecommender, FitResult, dict[str, float]]:
-    """Train on all prefixes of the training split, select on validation NDCG@10, then test."""
-    dev = resolve_device(device)
+    """Train on all prefixes of the training split, select on validation NDCG@10, then test.
+
+    With `dist` enabled (one call per torchrun process) each process trains on its share of every
+    global batch of `train_config.batch_size` rows; rank 0 validates, writes the run and
+    computes the test metrics, which every rank returns."""
+    dev = dist.device(resolve_device(device))
     split = leave_one_out(dataset, model_config.max_items)
     histories, targets = training_prefixes(split.train, model_config.max_items)
     torch.manual_seed(train_config.seed)
     model = GenerativeRecommender(model_config).to(dev)
-    item_repr = torch.from_numpy(tables.item_repr).to(dev)
-    sids_t = torch.from_numpy(tables.sids).to(dev)
 
-    def batches(rng: np.random.Generator) -> Iterator[tuple[Tensor, ...]]:
-        order = rng.permutation(len(targets))
-        for start in range(0, len(order), train_config.batch_size):
-            rows = order[start : start + train_config.batch_size]
-            sids, codes = tables.gather(histories[rows])
-            target = torch.from_numpy(targets[rows]).to(dev)
-            yield (torch.from_numpy(sids).to(dev), torch.from_numpy(codes).to(dev), target)
+    def batches(rng: np.random.Generator) -> Iterator[Batch]:
+        for rows in global_batches(rng, len(targets), train_config.batch_size):
+            yield Batch.of(tables, histories, targets, rows, dist.shard(rows), dev)
 
-    def loss_fn(batch: tuple[Tensor, ...]) -> Tensor:
-        sids, codes, target = batch
-        loss: Tensor = model(sids, codes, sids_t[target], item_repr[target], target).loss
-        return loss
+    def loss_fn(batch: Batch) -> Tensor:
+        return batch.loss(model)
 
     ranker = GenerativeRanker(model, tables, beam)
     result = fit(
@@ -130,8 +175,11 @@ def train_generative(
             **meta,
         },
         progress=progress,
+        dist=dist,
     )
-    test = evaluate(ranker, split.test, seed=train_config.seed)
+    test = dist.broadcast(
+        evaluate(ranker, split.test, seed=train_config.seed) if dist.is_main else {}
+    )
     return model, result, test
 
 

@@ -7,6 +7,10 @@ schedule, early stopping on one validation metric, checkpoints and resume.
 Checkpoints are self-describing (`model_config`, `train_config` and a free `meta` dict travel in
 the file), so `load_checkpoint` can rebuild a model without being told any hyperparameter.
 Files are written atomically: a crash mid-write never replaces a good checkpoint.
+
+Under DDP (`training.distributed`) the same loop runs on every rank: rank 0 alone validates and
+writes files, and broadcasts what every rank must agree on (a resumed checkpoint, validation
+metrics, the selected weights).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from training.distributed import SINGLE, Distributed, env_world_size
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +116,26 @@ def plot_history(history: list[dict[str, float]], path: Path, monitor: str) -> N
     plt.close(fig)
 
 
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(ckpt: dict[str, Any], dist: Distributed, device: torch.device) -> None:
+    """This rank's torch RNG streams as saved; a checkpoint from another world size has none for
+    the new ranks, which keep their fresh `seed + rank` stream (dropout only: the data order
+    does not depend on the world size)."""
+    states: list[dict[str, Tensor]] = ckpt.get("rank_rng") or [{"torch": ckpt["torch_rng"]}]
+    if len(states) != dist.world_size:
+        log.warning("resuming a %d-process run on %d processes", len(states), dist.world_size)
+    if dist.rank < len(states):
+        torch.set_rng_state(states[dist.rank]["torch"])
+        if "cuda" in states[dist.rank] and device.type == "cuda":
+            torch.cuda.set_rng_state(states[dist.rank]["cuda"], device)
+
+
 def fit(
     model: nn.Module,
     *,
@@ -124,6 +150,7 @@ def fit(
     on_epoch_end: Callable[[int], dict[str, float]] | None = None,
     resume: bool = True,
     progress: bool = True,
+    dist: Distributed = SINGLE,
 ) -> FitResult:
     """Train `model` until `config.epochs` or early stopping; the best state is left in `model`.
 
@@ -136,30 +163,46 @@ def fit(
     estimator). `on_epoch_end(epoch)` runs after each epoch's updates (e.g. dead-code re-seeding)
     and may return figures to record in the history.
     With `resume`, an existing `last.pt` in `run_dir` is continued from its next epoch.
+
+    With `dist` enabled every rank calls `fit` with the same arguments; `batches(rng)` yields this
+    rank's share of each global batch (`Distributed.shard`) and `loss_fn` returns its mean loss
+    times `Shard.scale`, so that the mean over ranks is the global batch's loss. `run_dir` need
+    only exist on rank 0's filesystem.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not dist.enabled and env_world_size() > 1:
+        raise RuntimeError(
+            f"launched with WORLD_SIZE={env_world_size()}, but this stage trains in one "
+            "process; run it without torchrun"
+        )
+    if dist.enabled and parameters is not None:
+        raise ValueError(
+            "distributed training steps the whole model; `parameters` is not supported"
+        )
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(
         model.parameters() if parameters is None else parameters,
         lr=config.lr,
         weight_decay=config.weight_decay,
     )
-    seed_everything(config.seed)
-    rng = np.random.default_rng(config.seed)
+    seed_everything(config.seed + dist.rank)  # dropout; rank 0 draws single-process's stream
+    rng = np.random.default_rng(config.seed)  # batch order: the same on every rank
 
     start_epoch, best_epoch, bad_evals = 1, 0, 0
     best_metrics: dict[str, float] = {}
     best_value = -math.inf
     history: list[dict[str, float]] = []
     elapsed_before = 0.0
-    if resume and (run_dir / LAST).exists():
-        ckpt = load_checkpoint(run_dir / LAST, map_location=device)
+    found = dist.is_main and resume and (run_dir / LAST).exists()
+    ckpt = dist.broadcast(load_checkpoint(run_dir / LAST) if found else None)
+    if ckpt is not None:
         if ckpt["model_config"] != model_config:
             raise ValueError(f"{run_dir / LAST}: model config differs from this run; not resuming")
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         rng.bit_generator.state = ckpt["rng"]
-        torch.set_rng_state(ckpt["torch_rng"])
+        _restore_rng(ckpt, dist, device)
         start_epoch = ckpt["epoch"] + 1
         best_epoch, best_value = ckpt["best_epoch"], ckpt["best_value"]
         bad_evals = ckpt["bad_evals"]
@@ -167,7 +210,7 @@ def fit(
         elapsed_before = ckpt["wall_seconds"]
         log.info("resuming %s at epoch %d", run_dir, start_epoch)
 
-    def checkpoint(epoch: int, wall: float) -> dict[str, Any]:
+    def checkpoint(epoch: int, wall: float, rank_rng: list[dict[str, Tensor]]) -> dict[str, Any]:
         return {
             "model_config": model_config,
             "train_config": asdict(config),
@@ -175,7 +218,8 @@ def fit(
             "state_dict": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "rng": rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": rank_rng[0]["torch"],
+            "rank_rng": rank_rng,  # every rank's torch (and CUDA) RNG, for an exact DDP resume
             "epoch": epoch,
             "best_epoch": best_epoch,
             "best_value": best_value,
@@ -186,6 +230,8 @@ def fit(
         }
 
     use_amp = config.amp and device.type == "cuda"
+    step = dist.wrap(model, loss_fn)
+    progress = progress and dist.is_main
     t0 = time.perf_counter()
     epochs_run = start_epoch - 1
     for epoch in range(start_epoch, config.epochs + 1):
@@ -196,7 +242,7 @@ def fit(
         bar = tqdm(batches(rng), desc=f"epoch {epoch}", leave=False, disable=not progress)
         for batch in bar:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = loss_fn(batch)
+                loss = step(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)
@@ -207,15 +253,22 @@ def fit(
             total += loss.item()
             count += 1
             bar.set_postfix(loss=f"{total / count:.4f}")
-        record: dict[str, float] = {"epoch": float(epoch), "loss": total / max(count, 1)}
+        # every rank ran the same number of global batches; the mean of the ranks' scaled losses
+        # is the global batch's loss
+        record: dict[str, float] = {"epoch": float(epoch), "loss": dist.mean(total) / max(count, 1)}
         if on_epoch_end is not None:
             record |= on_epoch_end(epoch)
+        metrics: dict[str, float] | None = None
         if epoch % config.eval_every == 0 or epoch == config.epochs:
-            model.eval()
-            with torch.no_grad():
-                metrics = validate()
-            if config.monitor not in metrics:
-                raise KeyError(f"validate() returned no {config.monitor!r}: {sorted(metrics)}")
+            if dist.is_main:
+                model.eval()
+                with torch.no_grad():
+                    metrics = validate()
+                if config.monitor not in metrics:
+                    raise KeyError(f"validate() returned no {config.monitor!r}: {sorted(metrics)}")
+            metrics = dist.broadcast(metrics)  # every rank takes the same decisions
+        rank_rng = dist.gather(_rng_state(device))
+        if metrics is not None:
             record |= {f"valid_{k}": v for k, v in metrics.items()}
             if metrics[config.monitor] > best_value:
                 best_value, best_epoch, best_metrics, bad_evals = (
@@ -224,23 +277,27 @@ def fit(
                     metrics,
                     0,
                 )
-                wall = elapsed_before + time.perf_counter() - t0
-                _atomic_save(checkpoint(epoch, wall), run_dir / BEST)
+                if dist.is_main:
+                    wall = elapsed_before + time.perf_counter() - t0
+                    _atomic_save(checkpoint(epoch, wall, rank_rng), run_dir / BEST)
             else:
                 bad_evals += 1
         history.append(record)
         epochs_run = epoch
-        _atomic_save(checkpoint(epoch, elapsed_before + time.perf_counter() - t0), run_dir / LAST)
-        (run_dir / HISTORY).write_text(json.dumps(history, indent=1))
-        plot_history(history, run_dir / CURVES, config.monitor)
+        if dist.is_main:
+            wall = elapsed_before + time.perf_counter() - t0
+            _atomic_save(checkpoint(epoch, wall, rank_rng), run_dir / LAST)
+            (run_dir / HISTORY).write_text(json.dumps(history, indent=1))
+            plot_history(history, run_dir / CURVES, config.monitor)
         if progress:
             shown = {k: round(v, 4) for k, v in record.items() if k != "epoch"}
             tqdm.write(f"epoch {epoch}: {shown}")
         if bad_evals >= config.patience:
             break
 
-    if (run_dir / BEST).exists():
+    if dist.is_main and (run_dir / BEST).exists():
         model.load_state_dict(load_checkpoint(run_dir / BEST, map_location=device)["state_dict"])
+    dist.broadcast_module(model)
     return FitResult(
         best_epoch=best_epoch,
         best_metrics=best_metrics,

@@ -17,6 +17,7 @@ import torch
 
 from model.sasrec import SASRec, SASRecConfig
 from training.data import Dataset, EvalSplit, leave_one_out, training_windows
+from training.distributed import SINGLE, Distributed, global_batches
 from training.evaluation import evaluate
 from training.loop import BEST, FitResult, TrainConfig, fit, load_checkpoint, resolve_device
 
@@ -37,11 +38,17 @@ class SASRecRanker:
         return scores.topk(min(k, scores.shape[1]), dim=-1).indices.cpu().numpy()
 
 
-def _window_batches(windows: np.ndarray, batch_size: int, device: torch.device) -> Any:
-    def epoch(rng: np.random.Generator) -> Iterator[torch.Tensor]:
-        order = rng.permutation(len(windows))
-        for start in range(0, len(order), batch_size):
-            yield torch.from_numpy(windows[order[start : start + batch_size]]).to(device)
+def _window_batches(
+    windows: np.ndarray, batch_size: int, device: torch.device, dist: Distributed
+) -> Any:
+    """Epochs of (this rank's windows, `Shard.scale`); the loss averages over real positions, so
+    a rank's share of a global batch is counted in positions."""
+    positions = ((windows[:, :-1] >= 0) & (windows[:, 1:] >= 0)).sum(axis=1)
+
+    def epoch(rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, float]]:
+        for rows in global_batches(rng, len(windows), batch_size):
+            part = dist.shard(rows, positions)
+            yield torch.from_numpy(windows[part.rows]).to(device), part.scale
 
     return epoch
 
@@ -54,20 +61,26 @@ def train_sasrec(
     *,
     device: str = "auto",
     progress: bool = True,
+    dist: Distributed = SINGLE,
 ) -> tuple[SASRec, FitResult, dict[str, float]]:
-    """Train, select on validation NDCG@10, then report test metrics of the selected model."""
+    """Train, select on validation NDCG@10, then report test metrics of the selected model
+    (data-parallel over torchrun's processes when `dist` is enabled, as `train_generative`)."""
     if model_config.num_items != dataset.num_items:
         raise ValueError("model_config.num_items does not match the dataset")
-    dev = resolve_device(device)
+    dev = dist.device(resolve_device(device))
     split = leave_one_out(dataset, model_config.max_len)
     windows = training_windows(split.train, model_config.max_len)
     torch.manual_seed(train_config.seed)
     model = SASRec(model_config).to(dev)
+
+    def loss_fn(batch: tuple[torch.Tensor, float]) -> torch.Tensor:
+        return model.loss(batch[0]) * batch[1]
+
     result = fit(
         model,
         model_config=asdict(model_config),
-        loss_fn=model.loss,
-        batches=_window_batches(windows, train_config.batch_size, dev),
+        loss_fn=loss_fn,
+        batches=_window_batches(windows, train_config.batch_size, dev, dist),
         validate=lambda: evaluate(SASRecRanker(model), split.valid, seed=train_config.seed),
         config=train_config,
         run_dir=run_dir,
@@ -79,8 +92,12 @@ def train_sasrec(
             "device": str(dev),
         },
         progress=progress,
+        dist=dist,
     )
-    test = evaluate(SASRecRanker(model), split.test, seed=train_config.seed)
+    ranker = SASRecRanker(model)
+    test = dist.broadcast(
+        evaluate(ranker, split.test, seed=train_config.seed) if dist.is_main else {}
+    )
     return model, result, test
 
 
