@@ -12,30 +12,42 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.bundle import Bundle
 from service.inference import (
     PROVIDERS,
     MicroBatcher,
+    ModelHolder,
     resolve_provider,
     session_providers,
+    warm_up,
 )
+from service.manifest import BundleError
 from service.metrics import Metrics
 from service.settings import Settings
-from service.store import EmbeddedRedis, HistoryStore, RedisHistoryStore
+from service.store import EmbeddedRedis, HistoryStore, RedisHistoryStore, StoreUnavailableError
 
 log = logging.getLogger("bbqrec.service")
 
 ItemId = Annotated[str, Field(min_length=1, max_length=128)]
 UserId = Annotated[str, Field(min_length=1, max_length=128)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+MODEL_VERSION_HEADER = "X-Model-Version"
+DEGRADED_HEADER = "X-BBQRec-Degraded"  # set when an answer was made without Redis
+RETRY_AFTER_S = 1
 
 
 # -- API models ----------------------------------------------------------------------------------
@@ -66,7 +78,7 @@ class RecommendResponse(BaseModel):
 class Event(BaseModel):
     user_id: UserId
     item_id: ItemId
-    timestamp: float | None = None
+    timestamp: Finite | None = None
 
 
 class EventsRequest(BaseModel):
@@ -79,8 +91,17 @@ class EventsResponse(BaseModel):
 
 class NewItem(BaseModel):
     item_id: ItemId
-    features: dict[str, list[float]] = Field(
-        description="A precomputed vector per modality of the bundle (see GET /model)."
+    features: dict[str, list[Finite]] = Field(
+        default_factory=dict,
+        description="A precomputed vector per modality of the bundle (see GET /model).",
+    )
+    text: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=20_000,
+        description="Raw item text for the bundle's text modality, embedded with the training "
+        "text encoder (bundles whose `text_encoder` is set, see GET /model); instead of "
+        "`features.text`.",
     )
 
 
@@ -94,6 +115,32 @@ class ItemResponse(BaseModel):
 class HistoryResponse(BaseModel):
     user_id: str
     items: list[str]
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. `unknown` (ids) or `errors` (validation)
+    reason: str
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx this service answers itself: `{"detail": {"reason": ..., ...}}`."""
+
+    detail: ErrorDetail
+
+
+class ReloadRequest(BaseModel):
+    bundle_path: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="Bundle directory to load; unset = re-read the configured one.",
+    )
+
+
+class ReloadResponse(BaseModel):
+    model_version: str
+    previous_version: str
+    items: int
+    load_seconds: float
 
 
 class Readiness(BaseModel):
@@ -110,14 +157,20 @@ class Readiness(BaseModel):
 @dataclass
 class Services:
     settings: Settings
-    bundle: Bundle
+    model: ModelHolder  # the bundle in service; POST /admin/reload swaps it
     store: HistoryStore
     batcher: MicroBatcher
     metrics: Metrics
     provider: str  # resolved: cpu | cuda
-    base_items: int  # catalogue size of the bundle (later items were added at serving time)
     warmed_up: bool = False
     items_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def bundle(self) -> Bundle:
+        """The bundle in service now. A route that maps item ids to indices and back reads it
+        once (a reload may swap it meanwhile)."""
+        return self.model.bundle
 
 
 def services(request: Request) -> Services:
@@ -132,22 +185,123 @@ def error(status: int, reason: str, **extra: Any) -> HTTPException:
     return HTTPException(status_code=status, detail={"reason": reason, **extra})
 
 
-def require_key(svc: Svc, x_api_key: Annotated[str | None, Header()] = None) -> None:
+def unavailable(reason: str, **extra: Any) -> HTTPException:
+    """503 with Retry-After: Redis failed or ran past its budget; the client may retry."""
+    return HTTPException(
+        status_code=503,
+        detail={"reason": reason, **extra},
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+ApiKey = Annotated[str | None, Depends(APIKeyHeader(name="X-API-Key", auto_error=False))]
+
+
+def require_key(svc: Svc, x_api_key: ApiKey) -> None:
     expected = svc.settings.api_key
     if expected is None:
         return
+    # Constant time: the comparison takes as long however much of a wrong key matches.
     if x_api_key is None or not hmac.compare_digest(
         x_api_key.encode(), expected.get_secret_value().encode()
     ):
         raise error(401, "missing or wrong X-API-Key")
 
 
-def require_read_key(svc: Svc, x_api_key: Annotated[str | None, Header()] = None) -> None:
+def require_read_key(svc: Svc, x_api_key: ApiKey) -> None:
     if svc.settings.protect_reads:
         require_key(svc, x_api_key)
 
 
+def require_admin(svc: Svc, x_api_key: ApiKey) -> None:
+    """Admin routes are off unless an API key is configured, and then need it."""
+    if svc.settings.api_key is None:
+        raise error(403, "admin routes are disabled: no API key is configured")
+    require_key(svc, x_api_key)
+
+
+ERRORS = {
+    401: "Missing or wrong X-API-Key.",
+    403: "Admin routes are disabled (no API key configured).",
+    404: "Unknown id.",
+    409: "Already exists.",
+    413: "Request body larger than the configured limit.",
+    422: "Invalid request: the reason says what, nothing was written.",
+    503: "History store unavailable (see Retry-After); the write was not acknowledged.",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error answers a route can give (all of shape ErrorResponse)."""
+    return {code: {"model": ErrorResponse, "description": ERRORS[code]} for code in codes}
+
+
+class BodyLimit:
+    """Refuses a request body over `max_bytes` with 413, before any route reads it: by the
+    declared Content-Length, or by counting a body sent without one (chunked)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(scope, receive, send)
+            return
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        reason = f"request body larger than {self.max_bytes} bytes"
+        response = JSONResponse(status_code=413, content={"detail": {"reason": reason}})
+        await response(scope, receive, send)
+
+
 # -- app -------------------------------------------------------------------------------------
+
+
+async def load_model(
+    path: Path, settings: Settings, provider: str, store: HistoryStore
+) -> tuple[Bundle, int]:
+    """Load and verify a bundle (in a thread), re-add the items added at serving time (kept in
+    Redis), and warm it up. Returns the bundle and its exported catalogue size."""
+    bundle = await asyncio.to_thread(
+        Bundle,
+        path,
+        providers=session_providers(provider),
+        intra_op_threads=settings.intra_op_threads,
+    )
+    base_items = len(bundle.catalogue.item_ids)
+    try:
+        for item_id, record in sorted((await store.items()).items(), key=lambda x: x[1]["seq"]):
+            if item_id not in bundle.catalogue.index:
+                bundle.catalogue = bundle.catalogue.with_item(
+                    item_id, record["sid"], record["view_codes"]
+                )
+    except (RedisError, OSError) as e:
+        log.warning("could not restore items added at serving time: %s", e)
+    await asyncio.to_thread(warm_up, bundle)
+    return bundle, base_items
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> FastAPI:
@@ -156,34 +310,20 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         provider = resolve_provider(settings.provider)
-        bundle = Bundle(
-            settings.bundle_path,
-            providers=session_providers(provider),
-            intra_op_threads=settings.intra_op_threads,
-        )
         embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir)
         url = settings.redis_url or (embedded.url if embedded else "")
         store = RedisHistoryStore.from_url(
-            url, capacity=settings.history_length, timeout_s=settings.redis_timeout_s
+            url,
+            capacity=settings.history_length,
+            timeout_s=settings.redis_timeout_s,
+            cluster=settings.redis_cluster,
         )
-        base_items = len(bundle.catalogue.item_ids)
-        try:
-            for item_id, record in sorted((await store.items()).items(), key=lambda x: x[1]["seq"]):
-                if item_id not in bundle.catalogue.index:
-                    bundle.catalogue = bundle.catalogue.with_item(
-                        item_id, record["sid"], record["view_codes"]
-                    )
-        except (RedisError, OSError) as e:
-            log.warning("could not restore items added at serving time: %s", e)
-        batcher = MicroBatcher(
-            lambda: bundle, max_batch=settings.max_batch, observe=metrics.observe_batch
-        )
+        bundle, base_items = await load_model(settings.bundle_path, settings, provider, store)
+        batcher = MicroBatcher(max_batch=settings.max_batch, observe=metrics.observe_batch)
         batcher.start()
-        svc = Services(settings, bundle, store, batcher, metrics, provider, base_items)
+        model = ModelHolder(bundle, base_items=base_items)
+        svc = Services(settings, model, store, batcher, metrics, provider)
         app.state.services = svc
-        # Warm-up: one real call per k bound, so the first user does not pay for it.
-        for k in (1, 100):
-            await batcher.submit(np.array([0], dtype=np.int64), k, np.array([0], dtype=np.int64))
         svc.warmed_up = True
         metrics.model_info.labels(version=bundle.version, provider=provider).set(1)
         log.info("serving %s on %s", bundle.version, bundle.recommender.get_providers()[0])
@@ -201,16 +341,23 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Where and what, never the offending input itself (it may be large or private).
+        found = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        first = found[0] if found else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(part) for part in first["loc"])
+        reason = f"invalid request: {where}: {first['msg']}" if where else str(first["msg"])
+        return JSONResponse(
+            status_code=422, content={"detail": {"reason": reason, "errors": found[:20]}}
+        )
 
     @app.middleware("http")
     async def observe(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return JSONResponse(
-                status_code=413, content={"detail": {"reason": "request body too large"}}
-            )
         start = time.perf_counter()
         response = await call_next(request)
         route = request.scope.get("route")
@@ -220,13 +367,20 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         return response
 
     @app.post(
-        "/recommend", response_model=RecommendResponse, dependencies=[Depends(require_read_key)]
+        "/recommend",
+        response_model=RecommendResponse,
+        dependencies=[Depends(require_read_key)],
+        responses=errors(401, 413, 422, 503),
     )
-    async def recommend(body: RecommendRequest, svc: Svc) -> RecommendResponse:
-        catalogue = svc.bundle.catalogue
+    async def recommend(body: RecommendRequest, svc: Svc, response: Response) -> RecommendResponse:
+        # One bundle for the whole request: its indices, its batch, its version (a reload may
+        # swap the bundle in service meanwhile).
+        bundle = svc.bundle
+        response.headers[MODEL_VERSION_HEADER] = bundle.version
+        catalogue = bundle.catalogue
         if body.history is not None:
-            if len(body.history) > svc.bundle.max_history:
-                raise error(422, f"history longer than the model's {svc.bundle.max_history} items")
+            if len(body.history) > bundle.max_history:
+                raise error(422, f"history longer than the model's {bundle.max_history} items")
             unknown = [i for i in body.history if i not in catalogue.index]
             if unknown:
                 svc.metrics.unknown_items.labels("request").inc(len(unknown))
@@ -236,8 +390,13 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             start = time.perf_counter()
             try:
                 stored = await svc.store.history(body.user_id)
-            except (RedisError, OSError) as e:
-                raise error(503, "history store unavailable") from e
+            except (RedisError, OSError):
+                # Degraded, not failed: without the stored history the answer is the
+                # cold-start one (popularity), marked in a header and counted.
+                svc.metrics.redis_errors.labels("read").inc()
+                svc.metrics.degraded.labels("redis_unavailable").inc()
+                response.headers[DEGRADED_HEADER] = "redis-unavailable"
+                stored = []
             finally:
                 svc.metrics.redis.labels("read").observe(time.perf_counter() - start)
             history = [i for i in stored if i in catalogue.index]
@@ -245,7 +404,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
                 svc.metrics.unknown_items.labels("store").inc(len(stored) - len(history))
         indices = np.array([catalogue.index[i] for i in history], dtype=np.int64)
         if len(indices) == 0:
-            svc.metrics.cold_start.inc()
+            if DEGRADED_HEADER not in response.headers:
+                svc.metrics.cold_start.inc()
             top = np.argsort(-catalogue.popularity, kind="stable")[: body.k]
             items = [
                 RecommendedItem(
@@ -256,13 +416,13 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
                 for i in top
             ]
             return RecommendResponse(
-                items=items, model_version=svc.bundle.version, cold_start=True, history_length=0
+                items=items, model_version=bundle.version, cold_start=True, history_length=0
             )
         exclude = indices if body.exclude_seen else np.empty(0, dtype=np.int64)
-        found, scores = await svc.batcher.submit(indices, body.k, exclude)
+        found, scores = await svc.batcher.submit(bundle, indices, body.k, exclude)
         # The batch may have run on a newer snapshot (an item added meanwhile); snapshots only
         # grow, so the latest one maps every returned index.
-        latest = svc.bundle.catalogue
+        latest = bundle.catalogue
         items = [
             RecommendedItem(
                 item_id=latest.item_ids[i],
@@ -274,13 +434,25 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         ]
         return RecommendResponse(
             items=items,
-            model_version=svc.bundle.version,
+            model_version=bundle.version,
             cold_start=False,
             history_length=len(indices),
         )
 
-    @app.post("/events", response_model=EventsResponse, dependencies=[Depends(require_key)])
+    @app.post(
+        "/events",
+        response_model=EventsResponse,
+        dependencies=[Depends(require_key)],
+        responses=errors(401, 413, 422, 503),
+    )
     async def events(body: EventsRequest, svc: Svc) -> EventsResponse:
+        # The same timestamped event twice is a client retry, not two interactions; untimed
+        # repeats are kept (a user may pick the same item again).
+        stamped = [
+            (e.user_id, e.item_id, e.timestamp) for e in body.events if e.timestamp is not None
+        ]
+        if len(set(stamped)) < len(stamped):
+            raise error(422, "duplicate timestamped events; nothing was written")
         unknown = sorted({e.item_id for e in body.events} - svc.bundle.catalogue.index.keys())
         if unknown:
             svc.metrics.unknown_items.labels("event").inc(len(unknown))
@@ -293,13 +465,25 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         try:
             await svc.store.append([(e.user_id, e.item_id) for e in ordered])
         except (RedisError, OSError) as e:
-            raise error(503, "history store unavailable; nothing was written") from e
+            svc.metrics.redis_errors.labels("write").inc()
+            # Not acknowledged is all we know: a write that timed out may still have landed.
+            committed = list(e.committed) if isinstance(e, StoreUnavailableError) else []
+            if committed:  # cluster: one transaction per slot, some went through
+                raise unavailable(
+                    "history store unavailable; only the events of committed_users were written",
+                    committed_users=committed,
+                ) from e
+            raise unavailable("history store unavailable; the events were not acknowledged") from e
         finally:
             svc.metrics.redis.labels("write").observe(time.perf_counter() - start)
         return EventsResponse(accepted=len(ordered))
 
     @app.post(
-        "/items", response_model=ItemResponse, status_code=201, dependencies=[Depends(require_key)]
+        "/items",
+        response_model=ItemResponse,
+        status_code=201,
+        dependencies=[Depends(require_key)],
+        responses=errors(401, 409, 413, 422, 503),
     )
     async def add_item(body: NewItem, svc: Svc) -> ItemResponse:
         async with svc.items_lock:  # one writer at a time: each add builds on the last snapshot
@@ -309,10 +493,19 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         catalogue = svc.bundle.catalogue
         if body.item_id in catalogue.index:
             raise error(409, "item already exists")
+        bundle = svc.bundle
+        known = {m["name"] for m in bundle.manifest["modalities"]}
+        if extra := sorted(body.features.keys() - known):
+            raise error(422, "unknown modalities", unknown=extra[:50])
+        features = {m: np.asarray(v, dtype=np.float32) for m, v in body.features.items()}
+        if body.text is not None:
+            if bundle.text is None:
+                raise error(422, "this bundle has no text encoder; send features instead")
+            if bundle.text.modality in features:
+                raise error(422, f"give either text or features.{bundle.text.modality}")
+            features[bundle.text.modality] = await asyncio.to_thread(bundle.text.embed, [body.text])
         try:
-            codes, view_codes = svc.bundle.quantize(
-                {m: np.asarray(v, dtype=np.float32) for m, v in body.features.items()}
-            )
+            codes, view_codes = bundle.quantize(features)
             sid = np.array([*codes[0], catalogue.next_extra(codes[0])], dtype=np.int64)
         except ValueError as e:
             raise error(422, str(e)) from e
@@ -324,7 +517,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         try:
             await svc.store.save_item(body.item_id, record)
         except (RedisError, OSError) as e:
-            raise error(503, "history store unavailable; the item was not added") from e
+            svc.metrics.redis_errors.labels("save_item").inc()
+            raise unavailable("history store unavailable; the item was not added") from e
         svc.bundle.catalogue = catalogue.with_item(body.item_id, sid, view_codes[0])
         index = len(catalogue.item_ids)
         svc.metrics.items_added.inc()
@@ -333,10 +527,16 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         )
 
     @app.get(
-        "/items/{item_id}", response_model=ItemResponse, dependencies=[Depends(require_read_key)]
+        "/items/{item_id}",
+        response_model=ItemResponse,
+        dependencies=[Depends(require_read_key)],
+        responses=errors(401, 404, 422),
     )
-    async def get_item(item_id: str, svc: Svc) -> ItemResponse:
-        catalogue = svc.bundle.catalogue
+    async def get_item(
+        item_id: Annotated[str, PathParam(max_length=128)], svc: Svc
+    ) -> ItemResponse:
+        model = svc.model
+        catalogue = model.bundle.catalogue
         if item_id not in catalogue.index:
             raise error(404, "unknown item id")
         i = catalogue.index[item_id]
@@ -344,26 +544,34 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             item_id=item_id,
             index=i,
             semantic_id=catalogue.sids[i].tolist(),
-            added_at_serving_time=i >= svc.base_items,
+            added_at_serving_time=i >= model.base_items,
         )
 
     @app.get(
         "/users/{user_id}/history",
         response_model=HistoryResponse,
         dependencies=[Depends(require_read_key)],
+        responses=errors(401, 422, 503),
     )
-    async def get_history(user_id: str, svc: Svc) -> HistoryResponse:
+    async def get_history(
+        user_id: Annotated[str, PathParam(max_length=128)], svc: Svc
+    ) -> HistoryResponse:
         try:
             items = await svc.store.history(user_id)
         except (RedisError, OSError) as e:
-            raise error(503, "history store unavailable") from e
+            svc.metrics.redis_errors.labels("read").inc()
+            raise unavailable("history store unavailable") from e
         return HistoryResponse(user_id=user_id, items=items)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", response_model=Readiness)
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "Not ready; the fields say why."}},
+    )
     async def readyz(svc: Svc, response: Response) -> Readiness:
         actual = svc.bundle.recommender.get_providers()[0]
         redis_ok = await svc.store.ping()
@@ -393,5 +601,43 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             "max_k": m["max_k"],
             "modalities": m["modalities"],
         }
+
+    @app.post(
+        "/admin/reload",
+        response_model=ReloadResponse,
+        dependencies=[Depends(require_admin)],
+        responses=errors(401, 403, 413, 422),
+    )
+    async def reload(svc: Svc, body: ReloadRequest | None = None) -> ReloadResponse:
+        """Load a bundle (the configured one, or `bundle_path`), verify and warm it up, then
+        swap it in at once. Requests already batched finish on the old bundle; a bundle that
+        fails to load is refused and the old one keeps serving."""
+        path = Path(body.bundle_path) if body and body.bundle_path else settings.bundle_path
+        start = time.perf_counter()
+        async with svc.reload_lock:
+            try:
+                bundle, base_items = await load_model(path, settings, svc.provider, svc.store)
+            except (BundleError, OSError, ValueError) as e:
+                log.warning("reload refused: %s", e)
+                raise error(422, f"bundle refused, still serving the old one: {e}") from e
+            # Under the items lock: an item added while the new bundle loaded is not lost.
+            async with svc.items_lock:
+                for item_id in svc.bundle.catalogue.item_ids[svc.model.base_items :]:
+                    if item_id not in bundle.catalogue.index:
+                        old = svc.bundle.catalogue
+                        i = old.index[item_id]
+                        bundle.catalogue = bundle.catalogue.with_item(
+                            item_id, old.sids[i], old.view_codes[i]
+                        )
+                previous = svc.model.swap(bundle, base_items=base_items)
+        metrics.model_info.remove(previous.version, svc.provider)
+        metrics.model_info.labels(version=bundle.version, provider=svc.provider).set(1)
+        log.info("swapped %s for %s", previous.version, bundle.version)
+        return ReloadResponse(
+            model_version=bundle.version,
+            previous_version=previous.version,
+            items=len(bundle.catalogue.item_ids),
+            load_seconds=time.perf_counter() - start,
+        )
 
     return app

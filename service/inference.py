@@ -3,6 +3,10 @@
 `MicroBatcher` runs one worker task: it takes whatever requests are queued (up to `max_batch`),
 runs one ONNX Runtime call for all of them in a thread (so the event loop never blocks), and
 answers each. There is no waiting window: a lone request runs at once.
+
+`ModelHolder` holds the bundle in service and swaps it whole (`POST /admin/reload`). A query
+carries the bundle its item indices come from, so a batch queued before a swap still runs on the
+old bundle and one queued after runs on the new one; the two are never mixed in one call.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ def session_providers(provider: str) -> list[str]:
 
 @dataclass
 class Query:
+    bundle: Bundle  # the bundle whose catalogue the indices below come from
     history: np.ndarray  # (M,) item indices, oldest first (the model reads the last max_history)
     k: int
     exclude: np.ndarray  # (E,) item indices never to return (all seen items, or none)
@@ -58,17 +63,46 @@ def run_queries(bundle: Bundle, queries: list[Query]) -> list[tuple[np.ndarray, 
     return [(items[row, : q.k], scores[row, : q.k]) for row, q in enumerate(queries)]
 
 
+def warm_up(bundle: Bundle) -> None:
+    """One real call per k bound, so the first request does not pay for ORT's lazy set-up."""
+    history = np.zeros((1, 1), dtype=np.int64)
+    for k in (1, int(bundle.manifest["max_k"])):
+        bundle.recommend(history, k, history)
+
+
+class ModelHolder:
+    """The bundle in service, replaced whole by `swap` (one reference assignment: a reader sees
+    the old bundle or the new one, never a mix). `base_items` is the catalogue size the bundle
+    was exported with; items past it were added at serving time."""
+
+    def __init__(self, bundle: Bundle, *, base_items: int) -> None:
+        self._current = (bundle, base_items)
+
+    @property
+    def bundle(self) -> Bundle:
+        return self._current[0]
+
+    @property
+    def base_items(self) -> int:
+        return self._current[1]
+
+    def swap(self, bundle: Bundle, *, base_items: int) -> Bundle:
+        """Serve `bundle` from now on; returns the bundle it replaces."""
+        old = self._current[0]
+        self._current = (bundle, base_items)
+        return old
+
+
 class MicroBatcher:
     def __init__(
         self,
-        bundle: Callable[[], Bundle],
         *,
         max_batch: int,
         observe: Callable[[int, list[float], float], None] | None = None,
     ) -> None:
-        """`bundle` returns the bundle to use (it may be swapped between batches); `observe`
-        receives (batch size, queue waits in s, inference time in s) after each batch."""
-        self._bundle, self.max_batch, self._observe = bundle, max_batch, observe
+        """`observe` receives (batch size, queue waits in s, inference time in s) after each
+        batch."""
+        self.max_batch, self._observe = max_batch, observe
         self._queue: asyncio.Queue[Query] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
 
@@ -82,31 +116,40 @@ class MicroBatcher:
                 await self._worker
 
     async def submit(
-        self, history: np.ndarray, k: int, exclude: np.ndarray
+        self, bundle: Bundle, history: np.ndarray, k: int, exclude: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (item indices, scores) from `bundle` for one history of its item indices."""
         future: asyncio.Future[tuple[np.ndarray, np.ndarray]] = (
             asyncio.get_running_loop().create_future()
         )
-        await self._queue.put(Query(history, k, exclude, future))
+        await self._queue.put(Query(bundle, history, k, exclude, future))
         return await future
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            start = time.perf_counter()
-            waits = [start - q.enqueued for q in batch]
-            try:
-                results = await asyncio.to_thread(run_queries, self._bundle(), batch)
-            except Exception as e:  # answer every waiter; the worker keeps serving
-                for q in batch:
-                    if not q.future.done():
-                        q.future.set_exception(e)
-                continue
-            elapsed = time.perf_counter() - start
-            for q, result in zip(batch, results, strict=True):
+            taken = [await self._queue.get()]
+            while len(taken) < self.max_batch and not self._queue.empty():
+                taken.append(self._queue.get_nowait())
+            # One call per bundle: only the batch taken during a swap holds two.
+            by_bundle: dict[int, list[Query]] = {}
+            for q in taken:
+                by_bundle.setdefault(id(q.bundle), []).append(q)
+            for batch in by_bundle.values():
+                await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[Query]) -> None:
+        start = time.perf_counter()
+        waits = [start - q.enqueued for q in batch]
+        try:
+            results = await asyncio.to_thread(run_queries, batch[0].bundle, batch)
+        except Exception as e:  # answer every waiter; the worker keeps serving
+            for q in batch:
                 if not q.future.done():
-                    q.future.set_result(result)
-            if self._observe is not None:
-                self._observe(len(batch), waits, elapsed)
+                    q.future.set_exception(e)
+            return
+        elapsed = time.perf_counter() - start
+        for q, result in zip(batch, results, strict=True):
+            if not q.future.done():
+                q.future.set_result(result)
+        if self._observe is not None:
+            self._observe(len(batch), waits, elapsed)

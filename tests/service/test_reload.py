@@ -1,0 +1,261 @@
+"""Hot swap: `POST /admin/reload` under continuous load, against a real Redis (database 15).
+
+The second bundle is the first with its catalogue stored in reverse order and a new version: the
+same model, so every answer for a fixed history must name the same items whichever bundle
+served it, but every item index differs. A request whose indices went through the wrong
+bundle's tables would answer other items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import redis
+
+from service.app import MODEL_VERSION_HEADER, Services, create_app
+from service.manifest import MANIFEST, sha256
+from service.settings import Settings
+
+REDIS_URL = "redis://127.0.0.1:6379/15"
+KEY = "admin-s3cret"
+ADMIN = {"X-API-Key": KEY}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def clean_redis() -> Iterator[None]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield
+    client.flushdb()
+
+
+def reversed_copy(src: Path, dst: Path, version: str) -> Path:
+    """`src` with its catalogue in reverse order, re-hashed, under a new model version."""
+    shutil.copytree(src, dst)
+    ids = (src / "item_ids.txt").read_text().split()
+    (dst / "item_ids.txt").write_text("\n".join(reversed(ids)) + "\n")
+    for table in ("sids.npy", "view_codes.npy", "popularity.npy"):
+        np.save(dst / table, np.load(src / table)[::-1].copy())
+    manifest = json.loads((src / MANIFEST).read_text())
+    manifest["model_version"] = version
+    manifest["files"] = {name: sha256(dst / name) for name in manifest["files"]}
+    (dst / MANIFEST).write_text(json.dumps(manifest))
+    return dst
+
+
+@pytest.fixture
+def bundles(exported: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    a = tmp_path / "a"
+    shutil.copytree(exported[1], a)
+    return a, reversed_copy(a, tmp_path / "b", "swap-test-b")
+
+
+def version(bundle: Path) -> str:
+    return str(json.loads((bundle / MANIFEST).read_text())["model_version"])
+
+
+class AppClient(httpx.AsyncClient):
+    services: Services  # the app's state, for tests that reach inside
+
+
+@asynccontextmanager
+async def serving(bundle: Path, **overrides: Any) -> AsyncIterator[AppClient]:
+    """The app with its lifespan behind an in-process client (requests run concurrently on this
+    event loop, as under uvicorn); `client.services` is the app's state."""
+    settings = Settings(
+        bundle_path=bundle, **({"redis_url": REDIS_URL, "api_key": KEY} | overrides)
+    )
+    app = create_app(settings)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        AppClient(transport=transport, base_url="http://bbqrec", timeout=60) as client,
+    ):
+        client.services = app.state.services
+        yield client
+
+
+def hold_batches(services: Services) -> tuple[threading.Event, threading.Event]:
+    """From now on, a batch on the bundle in service blocks (in its thread) until `release` is
+    set; `entered` says one is blocked. A swap made meanwhile lands with a batch in flight."""
+    bundle = services.bundle
+    run = bundle.recommend
+    entered, release = threading.Event(), threading.Event()
+
+    def held(
+        histories: np.ndarray, k: int, exclude: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        entered.set()
+        release.wait(timeout=30)
+        return run(histories, k, exclude)
+
+    bundle.recommend = held  # type: ignore[method-assign]
+    return entered, release
+
+
+def answer(r: httpx.Response) -> tuple[str, list[str]]:
+    """(version that served it, items) of a successful /recommend; the version the body names
+    must be the one the header names."""
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert r.headers[MODEL_VERSION_HEADER] == body["model_version"]
+    return body["model_version"], [i["item_id"] for i in body["items"]]
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("clean_redis")
+async def test_swap_under_load_fails_no_request(bundles: tuple[Path, Path]) -> None:
+    a, b = bundles
+    ids = (a / "item_ids.txt").read_text().split()
+    history = [ids[3], ids[17], ids[42]]
+    stop = asyncio.Event()
+    # per worker: (version, items, when the answer came), in order
+    seen: list[list[tuple[str, list[str], float]]] = [[] for _ in range(8)]
+
+    async with serving(a) as client:
+        expected = answer(
+            await client.post("/recommend", json={"user_id": "x", "history": history})
+        )
+        assert expected[0] == version(a)
+        events = [{"user_id": "stored", "item_id": i} for i in history]
+        assert (await client.post("/events", json={"events": events}, headers=ADMIN)).is_success
+
+        async def worker(n: int) -> None:
+            # explicit history, stored history, cold start: every path names its version
+            while not stop.is_set():
+                r = await client.post("/recommend", json={"user_id": "x", "history": history})
+                seen[n].append((*answer(r), time.monotonic()))
+                stored = await client.post("/recommend", json={"user_id": "stored"})
+                assert answer(stored)[1] == expected[1]
+                answer(await client.post("/recommend", json={"user_id": f"new-{n}", "k": 3}))
+
+        workers = [asyncio.create_task(worker(n)) for n in range(len(seen))]
+        while sum(map(len, seen)) < 24:
+            await asyncio.sleep(0.01)
+        entered, release = hold_batches(client.services)
+        while not entered.is_set():
+            await asyncio.sleep(0.001)
+        # a batch on the old bundle is in flight, more requests for it queue behind
+        r = await client.post("/admin/reload", json={"bundle_path": str(b)}, headers=ADMIN)
+        swapped = time.monotonic()
+        await asyncio.sleep(0.05)  # requests for the new bundle join the queue
+        release.set()
+        assert r.status_code == 200, r.text
+        assert r.json()["model_version"] == version(b)
+        assert r.json()["previous_version"] == version(a)
+        after = sum(map(len, seen))
+        while sum(map(len, seen)) < after + 40:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.gather(*workers)  # re-raises the first failed request, if any
+
+        answers = [x for per_worker in seen for x in per_worker]
+        assert {v for v, _, _ in answers} == {version(a), version(b)}
+        # requests in flight at the swap finished on the old bundle, with the old bundle's items;
+        # the batch taken after the release held queries for both bundles, run one call each
+        assert any(v == version(a) and t > swapped for v, _, t in answers)
+        assert all(items == expected[1] for _, items, _ in answers)
+        for per_worker in seen:  # once a worker saw the new bundle it never sees the old one
+            versions = [v for v, _, _ in per_worker]
+            assert versions == sorted(versions, key=lambda v: v == version(b))
+        final = await client.post("/recommend", json={"user_id": "x", "history": history})
+        assert answer(final) == (version(b), expected[1])
+        assert (await client.get("/model")).json()["model_version"] == version(b)
+        metrics = (await client.get("/metrics")).text
+        assert f'version="{version(b)}"' in metrics
+        assert f'version="{version(a)}"' not in metrics
+
+
+def corrupt(bundle: Path) -> None:
+    data = bytearray((bundle / "recommender.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / "recommender.onnx").write_bytes(bytes(data))
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("clean_redis")
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (corrupt, "sha256 does not match"),
+        (lambda b: (b / "sids.npy").unlink(), "missing"),
+        (lambda b: shutil.rmtree(b), "missing"),
+    ],
+    ids=["hash-mismatch", "missing-file", "missing-bundle"],
+)
+async def test_a_bad_bundle_is_refused_and_the_old_one_keeps_serving(
+    bundles: tuple[Path, Path], damage: Any, reason: str
+) -> None:
+    a, b = bundles
+    damage(b)
+    async with serving(a) as client:
+        r = await client.post("/admin/reload", json={"bundle_path": str(b)}, headers=ADMIN)
+        assert r.status_code == 422
+        assert reason in r.json()["detail"]["reason"]
+        assert "still serving the old one" in r.json()["detail"]["reason"]
+        ids = (a / "item_ids.txt").read_text().split()
+        ok = await client.post("/recommend", json={"user_id": "x", "history": ids[:2]})
+        assert answer(ok)[0] == version(a)
+        assert (await client.get("/readyz")).status_code == 200
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("clean_redis")
+async def test_reload_rereads_the_configured_bundle_and_keeps_added_items(
+    exported: tuple[Path, Path], tmp_path: Path
+) -> None:
+    live = tmp_path / "live"
+    shutil.copytree(exported[1], live)
+    async with serving(live) as client:
+        ids = (live / "item_ids.txt").read_text().split()
+        features = {
+            m["name"]: [0.1] * m["dim"] for m in (await client.get("/model")).json()["modalities"]
+        }
+        r = await client.post(
+            "/items", json={"item_id": "NEW-1", "features": features}, headers=ADMIN
+        )
+        assert r.status_code == 201, r.text
+        # the deployment replaces the bundle in place, then asks for a reload
+        new = reversed_copy(exported[1], tmp_path / "next", "in-place-v2")
+        shutil.rmtree(live)
+        shutil.copytree(new, live)
+        r = await client.post("/admin/reload", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert r.json()["model_version"] == "in-place-v2"
+        assert r.json()["items"] == len(ids) + 1
+        item = await client.get("/items/NEW-1")
+        assert item.status_code == 200
+        assert item.json()["added_at_serving_time"]
+        assert (await client.get(f"/items/{ids[0]}")).json()["index"] == len(ids) - 1
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("clean_redis")
+async def test_reload_needs_the_key_and_is_off_without_one(bundles: tuple[Path, Path]) -> None:
+    a, b = bundles
+    body = {"bundle_path": str(b)}
+    async with serving(a) as client:
+        assert (await client.post("/admin/reload", json=body)).status_code == 401
+        wrong = {"X-API-Key": "wrong"}
+        assert (await client.post("/admin/reload", json=body, headers=wrong)).status_code == 401
+        assert (await client.get("/model")).json()["model_version"] == version(a)
+    async with serving(a, api_key=None) as client:
+        r = await client.post("/admin/reload", json=body)
+        assert r.status_code == 403
+        assert "no API key is configured" in r.json()["detail"]["reason"]
