@@ -334,7 +334,9 @@ def serve(
         settings = Settings(**overrides)
     except ValidationError as e:
         raise _fail(str(e)) from e
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    # No per-request access log line: at thousands of requests a second it costs more than the
+    # route; requests are counted and timed in /metrics instead.
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
 
 
 # Generative-model variants: the full model and the model-side ablations.
