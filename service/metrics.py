@@ -62,6 +62,18 @@ class Metrics:
             ["source"],
             registry=registry,
         )
+        self.degraded = Counter(
+            "bbqrec_degraded_total",
+            "Answers served in a degraded mode (e.g. popularity while Redis is unavailable).",
+            ["reason"],
+            registry=registry,
+        )
+        self.redis_errors = Counter(
+            "bbqrec_redis_errors_total",
+            "Redis operations that failed or ran past the time budget.",
+            ["operation"],
+            registry=registry,
+        )
         self.items_added = Counter(
             "bbqrec_items_added_total", "Items added at serving time.", registry=registry
         )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,12 +18,22 @@ class Settings(BaseSettings):
         default=None,
         description="redis:// or unix:// URL; unset = an embedded Redis persisted in data_dir.",
     )
+    redis_cluster: bool = Field(
+        default=False,
+        description="redis_url names one node of a Redis Cluster (redis-py RedisCluster).",
+    )
     data_dir: Path = Field(default=Path("data"), description="Embedded Redis persistence.")
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch: int = Field(default=64, ge=1, le=1024)
     intra_op_threads: int = Field(default=1, ge=1, le=64)
     history_length: int = Field(default=50, ge=1, le=1000, description="Events kept per user.")
-    redis_timeout_s: float = Field(default=0.25, gt=0, le=30)
+    redis_timeout_s: float = Field(
+        default=0.25,
+        gt=0,
+        le=30,
+        description="Budget for one request's Redis work (retries included); past it the "
+        "request is answered degraded (/recommend) or 503 (writes).",
+    )
     api_key: SecretStr | None = Field(default=None, description="Required on write routes.")
     protect_reads: bool = Field(default=False, description="Also require the key on reads.")
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
@@ -40,3 +51,13 @@ class Settings(BaseSettings):
         if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         return url
+
+    @model_validator(mode="after")
+    def _cluster_needs_a_node(self) -> Settings:
+        if self.redis_cluster:
+            url = self.redis_url or ""
+            if not url.startswith(("redis://", "rediss://")):
+                raise ValueError("redis_cluster needs a redis:// or rediss:// redis_url (a node)")
+            if urlsplit(url).path.strip("/") not in ("", "0"):
+                raise ValueError("redis_cluster: a Redis Cluster has only database 0")
+        return self

@@ -1,0 +1,121 @@
+"""The history store's contract, against one real Redis server (127.0.0.1:6379, database 15; CI
+starts one) and against a real three-node Redis Cluster started for this module."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+from redis.asyncio import RedisCluster
+from redis.crc import key_slot
+
+from service.store import RedisHistoryStore, StoreUnavailableError, history_key
+from tests.service.redis_procs import HOST, free_port, redis_cluster
+
+pytestmark = pytest.mark.anyio
+
+SERVER_URL = "redis://127.0.0.1:6379/15"
+# Users whose ids stress the hash tag: braces inside, unicode, a colon.
+ODD_USERS = ("a}b{c", "{x", "}", "ünï", "user:42")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def cluster_ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
+    with redis_cluster(tmp_path_factory.mktemp("cluster")) as ports:
+        yield ports
+
+
+@pytest.fixture(params=["server", "cluster"])
+async def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RedisHistoryStore]:
+    if request.param == "server":
+        flush = [redis.Redis.from_url(SERVER_URL)]
+        store = RedisHistoryStore.from_url(SERVER_URL, capacity=5, timeout_s=2.0)
+    else:
+        ports: list[int] = request.getfixturevalue("cluster_ports")
+        flush = [redis.Redis(host=HOST, port=p) for p in ports]
+        store = RedisHistoryStore.from_url(
+            f"redis://{HOST}:{ports[0]}", capacity=5, timeout_s=2.0, cluster=True
+        )
+    for client in flush:
+        client.flushdb()
+    yield store
+    await store.close()
+    for client in flush:
+        client.flushdb()
+        client.close()
+
+
+def test_a_users_key_hashes_to_the_users_slot() -> None:
+    # The hash tag: the slot of a plain id's history key is the slot of the id itself.
+    for user in ("u1", "alice", "42"):
+        assert key_slot(history_key(user).encode()) == key_slot(user.encode())
+    # Keys stay distinct whatever the id holds (the hash tag only picks the slot).
+    keys = {history_key(u) for u in (*ODD_USERS, "a", "x")}
+    assert len(keys) == len(ODD_USERS) + 2
+
+
+async def test_histories_are_capped_lists_oldest_first(store: RedisHistoryStore) -> None:
+    await store.append([("u", f"i{n}") for n in range(3)])
+    await store.append([("u", f"i{n}") for n in range(3, 8)])
+    assert await store.history("u") == ["i3", "i4", "i5", "i6", "i7"]  # capacity 5
+    assert await store.history("nobody") == []
+
+
+async def test_a_batch_over_many_users_keeps_each_users_order(store: RedisHistoryStore) -> None:
+    users = [f"user-{n}" for n in range(40)] + list(ODD_USERS)
+    events = [(u, f"{u}/{n}") for n in range(3) for u in users]  # interleaved across users
+    if isinstance(store.client, RedisCluster):
+        assert len(store._transactions(users)) > 1  # the batch really spans slots here
+    await store.append(events)
+    for user in users:
+        assert await store.history(user) == [f"{user}/{n}" for n in range(3)]
+
+
+async def test_items_round_trip(store: RedisHistoryStore) -> None:
+    record = {"sid": [1, 2, 3, 0], "view_codes": [[1, 2, 3]], "seq": 7}
+    await store.save_item("NEW-1", record)
+    await store.save_item("NEW-2", record | {"seq": 8})
+    assert await store.items() == {"NEW-1": record, "NEW-2": record | {"seq": 8}}
+
+
+async def test_ping(store: RedisHistoryStore) -> None:
+    assert await store.ping()
+
+
+async def test_one_transaction_per_slot_on_a_cluster_and_one_on_a_server(
+    store: RedisHistoryStore,
+) -> None:
+    users = [f"u{n}" for n in range(50)]
+    groups = store._transactions(users)
+    assert sorted(u for g in groups for u in g) == sorted(users)
+    if isinstance(store.client, RedisCluster):
+        for group in groups:
+            assert len({key_slot(history_key(u).encode()) for u in group}) == 1
+        assert len(groups) == len({key_slot(u.encode()) for u in users})
+    else:
+        assert groups == [users]  # all or nothing on one server
+
+
+@pytest.mark.parametrize("cluster", [False, True])
+async def test_an_unreachable_redis_fails_fast_with_store_unavailable(cluster: bool) -> None:
+    store = RedisHistoryStore.from_url(
+        f"redis://{HOST}:{free_port()}", capacity=5, timeout_s=0.5, cluster=cluster
+    )
+    start = time.perf_counter()
+    assert not await store.ping()
+    with pytest.raises(StoreUnavailableError):
+        await store.history("u")
+    with pytest.raises(StoreUnavailableError) as failed:
+        await store.append([("u", "i")])
+    assert failed.value.committed == ()
+    assert time.perf_counter() - start < 3 * 0.5 + 2.0  # three budgets and a margin
+    await store.close()
