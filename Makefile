@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint redis clean
+.PHONY: install demo test lint audit redis clean
 
 # torch is pinned to the CPU build (a bare `torch` pulls a multi-GB CUDA build).
 $(STAMP): pyproject.toml
@@ -33,6 +33,11 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/mypy deploy/docker/requirements.py deploy/loadtest
 	$(BIN)/hadolint --config deploy/docker/hadolint.yaml Dockerfile
+
+# Known vulnerabilities in the installed dependencies. Needs network to a vulnerability service
+# (PyPI's JSON API by default), so it is not part of `make test`; see docs/RELIABILITY.md.
+audit: install
+	$(BIN)/pip-audit --strict --skip-editable --desc on
 
 clean:
 	rm -rf $(VENV) runs .mypy_cache .ruff_cache .pytest_cache

@@ -19,11 +19,12 @@ import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.bundle import Bundle
@@ -354,6 +355,17 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             status_code=422, content={"detail": {"reason": reason, "errors": found[:20]}}
         )
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Every error in one shape, `{"detail": {"reason": ...}}`, the framework's own too."""
+        status, detail = exc.status_code, exc.detail
+        if status == 400 and request.method == "POST":
+            # FastAPI could not decode the body at all (e.g. bytes that are no Unicode text): the
+            # same answer as any other body that is not JSON.
+            status, detail = 422, "invalid request: body: not JSON text in UTF-8"
+        content = detail if isinstance(detail, dict) else {"reason": str(detail)}
+        return JSONResponse(status_code=status, content={"detail": content}, headers=exc.headers)
+
     @app.middleware("http")
     async def observe(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
@@ -586,11 +598,11 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             redis=redis_ok,
         )
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_route() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/model")
+    @app.get("/model", dependencies=[Depends(require_read_key)], responses=errors(401))
     async def model_info(svc: Svc) -> dict[str, Any]:
         m = svc.bundle.manifest
         return {
