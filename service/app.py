@@ -36,7 +36,6 @@ from service.inference import (
     session_providers,
     warm_up,
 )
-from service.manifest import BundleError
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import EmbeddedRedis, HistoryStore, RedisHistoryStore, StoreUnavailableError
@@ -45,6 +44,7 @@ log = logging.getLogger("bbqrec.service")
 
 ItemId = Annotated[str, Field(min_length=1, max_length=128)]
 UserId = Annotated[str, Field(min_length=1, max_length=128)]
+PathId = Annotated[str, PathParam(max_length=128)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 MODEL_VERSION_HEADER = "X-Model-Version"
 DEGRADED_HEADER = "X-BBQRec-Degraded"  # set when an answer was made without Redis
@@ -544,9 +544,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         dependencies=[Depends(require_read_key)],
         responses=errors(401, 404, 422),
     )
-    async def get_item(
-        item_id: Annotated[str, PathParam(max_length=128)], svc: Svc
-    ) -> ItemResponse:
+    async def get_item(item_id: PathId, svc: Svc) -> ItemResponse:
         model = svc.model
         catalogue = model.bundle.catalogue
         if item_id not in catalogue.index:
@@ -565,9 +563,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         dependencies=[Depends(require_read_key)],
         responses=errors(401, 422, 503),
     )
-    async def get_history(
-        user_id: Annotated[str, PathParam(max_length=128)], svc: Svc
-    ) -> HistoryResponse:
+    async def get_history(user_id: PathId, svc: Svc) -> HistoryResponse:
         try:
             items = await svc.store.history(user_id)
         except (RedisError, OSError) as e:
@@ -629,7 +625,10 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         async with svc.reload_lock:
             try:
                 bundle, base_items = await load_model(path, settings, svc.provider, svc.store)
-            except (BundleError, OSError, ValueError) as e:
+            # Whatever stops the new bundle from loading (a failed check, a missing file, a file
+            # ONNX Runtime cannot read: its errors share no base class) refuses it; the old
+            # bundle was never touched.
+            except Exception as e:
                 log.warning("reload refused: %s", e)
                 raise error(422, f"bundle refused, still serving the old one: {e}") from e
             # Under the items lock: an item added while the new bundle loaded is not lost.

@@ -8,28 +8,19 @@ from typing import Any
 
 import numpy as np
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
+from tests.service.conftest import REDIS_URL
 from training.data import load_dataset
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
 MODALITIES = ("clip_vitb32_image", "clip_vitb32_text")
 
 
 @pytest.fixture
 def bundle_dir(exported: tuple[Path, Path]) -> Path:
     return exported[1]
-
-
-@pytest.fixture
-def clean_redis() -> Iterator[None]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield
-    client.flushdb()
 
 
 def make_client(bundle_dir: Path, **overrides: Any) -> TestClient:

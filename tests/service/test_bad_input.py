@@ -15,8 +15,8 @@ from pydantic import SecretStr
 
 from service.app import create_app
 from service.settings import Settings
+from tests.service.conftest import REDIS_URL
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
 KEY = "bad-input-s3cret"
 BODY_LIMIT = 64 * 1024
 MAX_HISTORY = 20  # the tiny bundle's max_history (checked below)
@@ -42,12 +42,10 @@ def items(exported: tuple[Path, Path]) -> list[str]:
 
 
 @pytest.fixture
-def store(items: list[str]) -> Iterator[redis.Redis]:
-    r = redis.Redis.from_url(REDIS_URL)
-    r.flushdb()
-    r.lpush("bbqrec:{seeded}:hist", items[0], items[1])
-    yield r
-    r.flushdb()
+def store(clean_redis: redis.Redis, items: list[str]) -> redis.Redis:
+    """The database with one user's history in it, so a wrong write or deletion shows."""
+    clean_redis.lpush("bbqrec:{seeded}:hist", items[0], items[1])
+    return clean_redis
 
 
 def snapshot(r: redis.Redis) -> dict[Any, Any]:

@@ -13,7 +13,7 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,13 +21,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import redis
 
 from service.app import MODEL_VERSION_HEADER, Services, create_app
+from service.bundle import Bundle
+from service.inference import MicroBatcher
 from service.manifest import MANIFEST, sha256
 from service.settings import Settings
+from tests.service.conftest import REDIS_URL
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
 KEY = "admin-s3cret"
 ADMIN = {"X-API-Key": KEY}
 
@@ -35,14 +36,6 @@ ADMIN = {"X-API-Key": KEY}
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-def clean_redis() -> Iterator[None]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield
-    client.flushdb()
 
 
 def reversed_copy(src: Path, dst: Path, version: str) -> Path:
@@ -125,8 +118,9 @@ async def test_swap_under_load_fails_no_request(bundles: tuple[Path, Path]) -> N
     ids = (a / "item_ids.txt").read_text().split()
     history = [ids[3], ids[17], ids[42]]
     stop = asyncio.Event()
-    # per worker: (version, items, when the answer came), in order
-    seen: list[list[tuple[str, list[str], float]]] = [[] for _ in range(8)]
+    # per worker: (version, items, when the answer came), in order; items None for cold start
+    # (its popularity ties break by index, which the reversed catalogue changes)
+    seen: list[list[tuple[str, list[str] | None, float]]] = [[] for _ in range(8)]
 
     async with serving(a) as client:
         expected = answer(
@@ -139,14 +133,17 @@ async def test_swap_under_load_fails_no_request(bundles: tuple[Path, Path]) -> N
         async def worker(n: int) -> None:
             # explicit history, stored history, cold start: every path names its version
             while not stop.is_set():
-                r = await client.post("/recommend", json={"user_id": "x", "history": history})
-                seen[n].append((*answer(r), time.monotonic()))
-                stored = await client.post("/recommend", json={"user_id": "stored"})
-                assert answer(stored)[1] == expected[1]
-                answer(await client.post("/recommend", json={"user_id": f"new-{n}", "k": 3}))
+                for body in (
+                    {"user_id": "x", "history": history},
+                    {"user_id": "stored"},
+                    {"user_id": f"new-{n}", "k": 3},
+                ):
+                    served, items = answer(await client.post("/recommend", json=body))
+                    cold = body["user_id"] == f"new-{n}"
+                    seen[n].append((served, None if cold else items, time.monotonic()))
 
         workers = [asyncio.create_task(worker(n)) for n in range(len(seen))]
-        while sum(map(len, seen)) < 24:
+        while sum(map(len, seen)) < 48:
             await asyncio.sleep(0.01)
         entered, release = hold_batches(client.services)
         while not entered.is_set():
@@ -160,17 +157,16 @@ async def test_swap_under_load_fails_no_request(bundles: tuple[Path, Path]) -> N
         assert r.json()["model_version"] == version(b)
         assert r.json()["previous_version"] == version(a)
         after = sum(map(len, seen))
-        while sum(map(len, seen)) < after + 40:
+        while sum(map(len, seen)) < after + 96:
             await asyncio.sleep(0.01)
         stop.set()
         await asyncio.gather(*workers)  # re-raises the first failed request, if any
 
         answers = [x for per_worker in seen for x in per_worker]
         assert {v for v, _, _ in answers} == {version(a), version(b)}
-        # requests in flight at the swap finished on the old bundle, with the old bundle's items;
-        # the batch taken after the release held queries for both bundles, run one call each
+        # requests in flight at the swap finished on the old bundle, with the old bundle's items
         assert any(v == version(a) and t > swapped for v, _, t in answers)
-        assert all(items == expected[1] for _, items, _ in answers)
+        assert all(items == expected[1] for _, items, _ in answers if items is not None)
         for per_worker in seen:  # once a worker saw the new bundle it never sees the old one
             versions = [v for v, _, _ in per_worker]
             assert versions == sorted(versions, key=lambda v: v == version(b))
@@ -182,10 +178,70 @@ async def test_swap_under_load_fails_no_request(bundles: tuple[Path, Path]) -> N
         assert f'version="{version(a)}"' not in metrics
 
 
+@pytest.mark.anyio
+async def test_a_batch_taken_across_a_swap_runs_once_per_bundle(
+    bundles: tuple[Path, Path],
+) -> None:
+    """Queries queued for the old bundle and for the new one, taken in one batch: one ONNX
+    Runtime call each, on its own bundle, each answer mapped by its own catalogue."""
+    old, new = Bundle(bundles[0]), Bundle(bundles[1])
+    calls: list[tuple[str, int]] = []
+    entered, release = threading.Event(), threading.Event()
+    for bundle in (old, new):
+        run = bundle.recommend
+
+        def recorded(
+            histories: np.ndarray,
+            k: int,
+            exclude: np.ndarray | None = None,
+            run: Callable[..., tuple[np.ndarray, np.ndarray]] = run,
+            version: str = bundle.version,
+        ) -> tuple[np.ndarray, np.ndarray]:
+            calls.append((version, len(histories)))
+            entered.set()
+            release.wait(timeout=30)
+            return run(histories, k, exclude)
+
+        bundle.recommend = recorded  # type: ignore[method-assign]
+    history = old.catalogue.item_ids[:3]
+    empty = np.empty(0, dtype=np.int64)
+
+    def query(bundle: Bundle) -> asyncio.Task[tuple[np.ndarray, np.ndarray]]:
+        indices = np.array([bundle.catalogue.index[i] for i in history], dtype=np.int64)
+        return asyncio.create_task(batcher.submit(bundle, indices, 5, empty))
+
+    batcher = MicroBatcher(max_batch=64)
+    batcher.start()
+    try:
+        first = query(old)
+        while not entered.is_set():  # the first batch is in flight (held)
+            await asyncio.sleep(0.001)
+        queued = [query(b) for b in (old, new, old, new)]
+        await asyncio.sleep(0.05)  # all four wait in the queue
+        release.set()
+        results = await asyncio.gather(first, *queued)
+    finally:
+        await batcher.stop()
+    assert calls == [(old.version, 1), (old.version, 2), (new.version, 2)]
+    named = [
+        [b.catalogue.item_ids[i] for i in found]
+        for b, (found, _) in zip((old, old, new, old, new), results, strict=True)
+    ]
+    assert all(items == named[0] for items in named)
+
+
 def corrupt(bundle: Path) -> None:
     data = bytearray((bundle / "recommender.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (bundle / "recommender.onnx").write_bytes(bytes(data))
+
+
+def not_a_model(bundle: Path) -> None:
+    """Hashes that match, but a recommender.onnx that is no ONNX model."""
+    (bundle / "recommender.onnx").write_bytes(b"not a model")
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["files"]["recommender.onnx"] = sha256(bundle / "recommender.onnx")
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
 
 
 @pytest.mark.anyio
@@ -194,10 +250,11 @@ def corrupt(bundle: Path) -> None:
     ("damage", "reason"),
     [
         (corrupt, "sha256 does not match"),
+        (not_a_model, "recommender.onnx"),
         (lambda b: (b / "sids.npy").unlink(), "missing"),
         (lambda b: shutil.rmtree(b), "missing"),
     ],
-    ids=["hash-mismatch", "missing-file", "missing-bundle"],
+    ids=["hash-mismatch", "not-a-model", "missing-file", "missing-bundle"],
 )
 async def test_a_bad_bundle_is_refused_and_the_old_one_keeps_serving(
     bundles: tuple[Path, Path], damage: Any, reason: str

@@ -35,8 +35,8 @@ from schemathesis.specs.openapi.checks import (
 
 from service.app import create_app
 from service.settings import Settings
+from tests.service.conftest import REDIS_URL
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
 KEY = "schema-s3cret"
 CHECKS = [
     not_a_server_error,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +16,10 @@ from pydantic import SecretStr
 
 from service.app import create_app
 from service.settings import Settings
+from tests.service.conftest import REDIS_URL
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
 KEY = "k3y-0f-the-s3rvice-7c1f9a"
 MARKER = "BODY-MARKER-5b8e"  # stands for private content in a request body
-
-
-@pytest.fixture
-def clean_redis() -> Iterator[None]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield
-    client.flushdb()
 
 
 def app_client(bundle: Path, **overrides: Any) -> TestClient:
