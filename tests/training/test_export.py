@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,26 @@ def histories(batch: int, max_len: int, rng: np.random.Generator, n: int) -> np.
     """Lengths cycling through 0 (all padding) .. max_len."""
     rows = [rng.integers(0, n, size=b % (max_len + 1)) for b in range(batch)]
     return left_pad(rows, max_len)
+
+
+TIE = 1e-5  # scores closer than this are a tie: ONNX Runtime and PyTorch differ by ~1e-6
+
+
+def tie_groups(scores: np.ndarray) -> list[slice]:
+    """Runs of consecutive ranks whose scores are within TIE of the previous one."""
+    cuts = [0, *(np.flatnonzero(np.abs(np.diff(scores)) > TIE) + 1).tolist(), len(scores)]
+    return [slice(a, b) for a, b in pairwise(cuts)]
+
+
+def assert_same_ranking(items: np.ndarray, scores: np.ndarray, ref_items: np.ndarray) -> None:
+    """Equal lists, except that the order within a tie may differ; a tie that runs past the
+    k-th rank may be cut at different items."""
+    for row, ref, row_scores in zip(items, ref_items, scores, strict=True):
+        groups = tie_groups(row_scores)
+        for g in groups[:-1]:
+            assert sorted(row[g].tolist()) == sorted(ref[g].tolist())
+        if groups[-1].stop - groups[-1].start == 1:
+            assert row[groups[-1]].tolist() == ref[groups[-1]].tolist()
 
 
 @pytest.mark.parametrize("batch", [1, 7, 64])
@@ -49,8 +70,8 @@ def test_onnx_runtime_equals_pytorch_beam_search(
         exclude=torch.from_numpy(exclude),
     )
     assert items.shape == (batch, k)
-    assert np.array_equal(items, ref.items.numpy())
     assert np.abs(scores - ref.scores.numpy()).max() < 1e-4
+    assert_same_ranking(items, scores, ref.items.numpy())
     for row, ex in zip(items, exclude, strict=True):
         assert not set(row.tolist()) & set(ex[ex >= 0].tolist())
 
