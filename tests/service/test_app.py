@@ -189,9 +189,13 @@ def test_oversized_bodies_are_refused(bundle_dir: Path, clean_redis: None) -> No
 
 def test_metrics_use_route_templates_not_ids(client: TestClient) -> None:
     client.get("/users/some-user-id/history")
+    client.get("/items/no-such-item")
     text = client.get("/metrics").text
     assert 'route="/users/{user_id}/history"' in text
     assert "some-user-id" not in text
+    assert (
+        'bbqrec_http_requests_total{method="GET",route="/items/{item_id}",status="404"} 1.0' in text
+    )
     for name in (
         "bbqrec_http_request_duration_seconds",
         "bbqrec_batch_size",
