@@ -174,10 +174,14 @@ def main() -> None:
         ]
         best = max(r.rps for r in runs if r.route == "POST /recommend")
         half, c = best / 2, 8
-        # closed-loop latency at 8 connections, then pace each connection to reach half of best
-        at8 = next((r for r in runs if r.route == "POST /recommend" and r.connections == c), None)
-        mean_ms = at8.p50_ms if at8 else 5.0
-        delay = max(c * 1000 / half - mean_ms, 0.0)
+        # pace 8 connections to half of the best RPS: each waits `delay` between requests;
+        # two short calibration runs correct the delay for the latency at that load
+        delay = c * 1000 / half
+        for _ in range(2):
+            probe = wrk(base, "recommend", c, 5, env, delay_ms=delay)
+            rps = probe["requests"] / (probe["duration_us"] / 1e6)
+            latency_ms = c * 1000 / rps - delay
+            delay = max(c * 1000 / half - latency_ms, 0.0)
         runs.append(measure(base, "recommend", c, args.duration, env, delay_ms=delay))
         runs += [measure(base, "events", c, args.duration, env) for c in conns]
         rss_mib = rss_mebibytes(server.pid)
