@@ -531,14 +531,17 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             return await _add_item(body, svc)
 
     async def _add_item(body: NewItem, svc: Svc) -> ItemResponse:
-        catalogue = svc.bundle.catalogue
+        bundle = svc.bundle
+        catalogue = bundle.catalogue
         if body.item_id in catalogue.index:
             raise error(409, "item already exists")
-        bundle = svc.bundle
         known = {m["name"] for m in bundle.manifest["modalities"]}
         if extra := sorted(body.features.keys() - known):
             raise error(422, "unknown modalities", unknown=extra[:50])
-        features = {m: np.asarray(v, dtype=np.float32) for m, v in body.features.items()}
+        with np.errstate(over="ignore"):
+            features = {m: np.asarray(v, dtype=np.float32) for m, v in body.features.items()}
+        if overflow := sorted(m for m, x in features.items() if not np.isfinite(x).all()):
+            raise error(422, "feature values out of float32 range", modalities=overflow)
         if body.text is not None:
             if bundle.text is None:
                 raise error(422, "this bundle has no text encoder; send features instead")

@@ -127,6 +127,7 @@ CASES: list[tuple[str, str, str, dict[str, Any], int]] = [
     ("items-wrong-dim", "POST", "/items", {"json": {"item_id": "N", "features": "DIM3"}}, 422),
     ("items-existing", "POST", "/items", {"json": {"item_id": "ITEM", "features": "OK"}}, 409),
     ("items-nan-feature", "POST", "/items", {"content": b"NAN_FEATURES"}, 422),
+    ("items-float32-overflow", "POST", "/items", {"content": b"HUGE_FEATURES"}, 422),
     ("get-item-unknown", "GET", "/items/NOPE", {}, 404),
     ("get-item-too-long", "GET", "/items/" + "i" * 129, {}, 422),
     ("history-user-too-long", "GET", "/users/" + "u" * 129 + "/history", {}, 422),
@@ -147,8 +148,10 @@ def prepare(kwargs: dict[str, Any], items: list[str], modalities: dict[str, int]
     if kwargs.get("content") == b"NAN_EVENT":
         event = f'{{"user_id": "u", "item_id": "{items[2]}", "timestamp": NaN}}'
         return {"content": f'{{"events": [{event}]}}'.encode()}
-    if kwargs.get("content") == b"NAN_FEATURES":
-        feats = ", ".join(f'"{m}": [NaN{", 0.5" * (dim - 1)}]' for m, dim in modalities.items())
+    if kwargs.get("content") in (b"NAN_FEATURES", b"HUGE_FEATURES"):
+        # NaN, or a finite double that is infinite as float32
+        bad = "NaN" if kwargs["content"] == b"NAN_FEATURES" else "1e300"
+        feats = ", ".join(f'"{m}": [{bad}{", 0.5" * (dim - 1)}]' for m, dim in modalities.items())
         return {"content": f'{{"item_id": "N", "features": {{{feats}}}}}'.encode()}
     return kwargs
 
