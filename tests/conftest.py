@@ -29,55 +29,48 @@ def invoke(*args: str) -> None:
     assert result.exit_code == 0, result.output
 
 
+def tokenize_tiny(root: Path, modalities: str, tokenizer: dict[str, int], *extra: str) -> Path:
+    """A no-z_ID tokenizer over `modalities`, trained for 2 epochs, in root/tok."""
+    cfg = root / "tok.json"
+    cfg.write_text(json.dumps({"tokenizer": tokenizer}))
+    out = root / "tok"
+    invoke(
+        "tokenize",
+        *("--out", str(out), "--variant", "no-id", "--config", str(cfg)),
+        *("--modalities", modalities, "--epochs", "2", "--no-progress", "--device", "cpu"),
+        *extra,
+    )
+    return out
+
+
+def train_and_export(root: Path, tokenizer: Path, *extra: str) -> tuple[Path, Path]:
+    """A one-epoch TINY_GENERATIVE run on `tokenizer` in root/run, and its bundle root/bundle."""
+    cfg = root / "gen.json"
+    cfg.write_text(json.dumps(TINY_GENERATIVE))
+    invoke(
+        "train",
+        *("--out", str(root / "run"), "--tokenizer", str(tokenizer), "--config", str(cfg)),
+        *("--epochs", "1", "--no-progress", "--device", "cpu"),
+        *extra,
+    )
+    invoke("export", "--run", str(root / "run"), "--out", str(root / "bundle"))
+    return root / "run", root / "bundle"
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2 x 64 no-z_ID tokenizer over the CLIP features, trained for 2 epochs."""
-    root = tmp_path_factory.mktemp("tok")
-    cfg = root / "tok.json"
-    cfg.write_text(
-        json.dumps({"tokenizer": {"code_dim": 8, "hidden": 32, "levels": 2, "codebook_size": 64}})
-    )
-    invoke(
-        "tokenize",
-        "--out",
-        str(root / "tok"),
-        "--variant",
-        "no-id",
-        "--config",
-        str(cfg),
-        "--modalities",
+    return tokenize_tiny(
+        tmp_path_factory.mktemp("tok"),
         "clip_vitb32_image,clip_vitb32_text",
-        "--epochs",
-        "2",
-        "--no-progress",
-        "--device",
-        "cpu",
+        {"code_dim": 8, "hidden": 32, "levels": 2, "codebook_size": 64},
     )
-    return root / "tok"
 
 
 @pytest.fixture(scope="session")
 def exported(tiny_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A one-epoch generative run on the tiny tokenizer, and its bundle."""
-    root = tmp_path_factory.mktemp("export")
-    cfg = root / "gen.json"
-    cfg.write_text(json.dumps(TINY_GENERATIVE))
-    invoke(
-        "train",
-        "--out",
-        str(root / "run"),
-        "--tokenizer",
-        str(tiny_tokenizer),
-        "--config",
-        str(cfg),
-        "--epochs",
-        "1",
-        "--no-progress",
-        "--device",
-        "cpu",
-    )
-    invoke("export", "--run", str(root / "run"), "--out", str(root / "bundle"))
-    return root / "run", root / "bundle"
+    return train_and_export(tmp_path_factory.mktemp("export"), tiny_tokenizer)
 
 
 # A small catalogue with real item texts: words shared within a group, so text features differ.
@@ -105,38 +98,8 @@ def text_exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
         for u in range(40):
             seq = [items[(u + 4 * j) % len(items)] for j in range(4 + u % 3)]
             f.write(json.dumps({"user_id": f"u{u}", "item_ids": seq}) + "\n")
-    cfg = root / "tok.json"
-    cfg.write_text(
-        json.dumps({"tokenizer": {"code_dim": 8, "hidden": 16, "levels": 2, "codebook_size": 4}})
+    data_args = ("--dataset", str(data))
+    tok = tokenize_tiny(
+        root, "text", {"code_dim": 8, "hidden": 16, "levels": 2, "codebook_size": 4}, *data_args
     )
-    common = ("--dataset", str(data), "--no-progress", "--device", "cpu")
-    invoke(
-        "tokenize",
-        "--out",
-        str(root / "tok"),
-        "--variant",
-        "no-id",
-        "--config",
-        str(cfg),
-        "--modalities",
-        "text",
-        "--epochs",
-        "2",
-        *common,
-    )
-    gen = root / "gen.json"
-    gen.write_text(json.dumps(TINY_GENERATIVE))
-    invoke(
-        "train",
-        "--out",
-        str(root / "run"),
-        "--tokenizer",
-        str(root / "tok"),
-        "--config",
-        str(gen),
-        "--epochs",
-        "1",
-        *common,
-    )
-    invoke("export", "--run", str(root / "run"), "--out", str(root / "bundle"))
-    return root / "run", root / "bundle"
+    return train_and_export(root, tok, *data_args)
