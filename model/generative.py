@@ -109,6 +109,9 @@ def relative_bucket(
     return out + torch.where(n < exact, n, large)
 
 
+KeyValues = tuple[Tensor, Tensor]  # attention keys and values, (B, H, T, dk) each
+
+
 class Attention(nn.Module):
     """Multi-head attention written out (MatMul + Add + Softmax) with an additive logit bias.
 
@@ -202,9 +205,6 @@ class DecoderBlock(nn.Module):
         y = y + self.drop(self.cross.attend(self.ln2(y), *cross, cross_bias))
         out: Tensor = y + self.drop(self.ff(self.ln3(y)))
         return out, (k, v)
-
-
-KeyValues = tuple[Tensor, Tensor]  # attention keys and values, (B, H, T, dk) each
 
 
 class Encoded(NamedTuple):
