@@ -29,6 +29,7 @@ from pathlib import Path
 
 import httpx
 import redis
+from soak import rss_bytes  # scripts/soak.py, beside this file
 
 from service.manifest import read_manifest
 from training.data import leave_one_out, load_dataset
@@ -119,14 +120,6 @@ def seed_histories(base: str, bundle: Path, users: int) -> int:
     return min(users, len(train))
 
 
-def rss_mebibytes(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"VmRSS:\s+(\d+) kB", status)
-    if match is None:
-        raise RuntimeError(f"no VmRSS for process {pid}")
-    return int(match.group(1)) / 1024
-
-
 def markdown(runs: list[Run]) -> str:
     rows = [
         "| route | connections | RPS | p50 ms | p99 ms | errors | mean batch |",
@@ -184,7 +177,7 @@ def main() -> None:
             delay = max(c * 1000 / half - latency_ms, 0.0)
         runs.append(measure(base, "recommend", c, args.duration, env, delay_ms=delay))
         runs += [measure(base, "events", c, args.duration, env) for c in conns]
-        rss_mib = rss_mebibytes(server.pid)
+        rss_mib = rss_bytes(server.pid) / 2**20
     finally:
         server.terminate()
         server.wait(timeout=30)
