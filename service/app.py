@@ -6,6 +6,7 @@ Nothing is built at import time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -38,7 +39,13 @@ from service.inference import (
 )
 from service.metrics import Metrics
 from service.settings import Settings
-from service.store import EmbeddedRedis, HistoryStore, RedisHistoryStore, StoreUnavailableError
+from service.store import (
+    EmbeddedRedis,
+    HistoryStore,
+    ItemExistsError,
+    RedisHistoryStore,
+    StoreUnavailableError,
+)
 
 log = logging.getLogger("bbqrec.service")
 
@@ -49,6 +56,7 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 MODEL_VERSION_HEADER = "X-Model-Version"
 DEGRADED_HEADER = "X-BBQRec-Degraded"  # set when an answer was made without Redis
 RETRY_AFTER_S = 1
+RESTORE_TIMEOUT_S = 30.0  # Redis budget for reading the items added at serving time, at start-up
 
 
 # -- API models ----------------------------------------------------------------------------------
@@ -164,6 +172,7 @@ class Services:
     metrics: Metrics
     provider: str  # resolved: cpu | cuda
     warmed_up: bool = False
+    items_cursor: int = 0  # entries of the shared added-items log taken into the bundle
     items_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -320,11 +329,27 @@ class BodyLimit:
 # -- app -------------------------------------------------------------------------------------
 
 
+def merge_items(bundle: Bundle, records: dict[str, dict[str, Any]]) -> int:
+    """Take items added at serving time (records from the store, by any replica) into the
+    bundle's catalogue, in the order they were added; returns how many were new to it. Callers
+    hold the items lock (one writer per catalogue)."""
+    new = sorted(
+        ((i, r) for i, r in records.items() if i not in bundle.catalogue.index),
+        key=lambda item: int(item[1]["seq"]),
+    )
+    if new:
+        bundle.catalogue = bundle.catalogue.with_items(
+            [(i, np.asarray(r["sid"]), np.asarray(r["view_codes"])) for i, r in new]
+        )
+    return len(new)
+
+
 async def load_model(
     path: Path, settings: Settings, provider: str, store: HistoryStore
-) -> tuple[Bundle, int]:
+) -> tuple[Bundle, int, int]:
     """Load and verify a bundle (in a thread), re-add the items added at serving time (kept in
-    Redis), and warm it up. Returns the bundle and its exported catalogue size."""
+    Redis), and warm it up. Returns the bundle, its exported catalogue size and the position in
+    the added-items log it has taken in (0 when Redis could not be read: the sync catches up)."""
     bundle = await asyncio.to_thread(
         Bundle,
         path,
@@ -332,16 +357,55 @@ async def load_model(
         intra_op_threads=settings.intra_op_threads,
     )
     base_items = len(bundle.catalogue.item_ids)
+    cursor = 0
     try:
-        for item_id, record in sorted((await store.items()).items(), key=lambda x: x[1]["seq"]):
-            if item_id not in bundle.catalogue.index:
-                bundle.catalogue = bundle.catalogue.with_item(
-                    item_id, record["sid"], record["view_codes"]
-                )
+        budget = max(settings.redis_timeout_s, RESTORE_TIMEOUT_S)
+        cursor, records = await store.items_since(0, timeout_s=budget)
+        merge_items(bundle, records)
     except (RedisError, OSError) as e:
         log.warning("could not restore items added at serving time: %s", e)
     await asyncio.to_thread(warm_up, bundle)
-    return bundle, base_items
+    return bundle, base_items, cursor
+
+
+async def sync_items(svc: Services) -> int:
+    """Take in the items other replicas added since the last sync; returns how many."""
+    budget = max(svc.settings.redis_timeout_s, RESTORE_TIMEOUT_S)
+    cursor, records = await svc.store.items_since(svc.items_cursor, timeout_s=budget)
+    async with svc.items_lock:
+        added = merge_items(svc.bundle, records)
+        svc.items_cursor = max(svc.items_cursor, cursor)
+    svc.metrics.items_synced.inc(added)
+    return added
+
+
+async def keep_items_in_sync(svc: Services) -> None:
+    """Every `items_sync_s`: items added on other replicas become recommendable here too."""
+    while True:
+        await asyncio.sleep(svc.settings.items_sync_s)
+        try:
+            await sync_items(svc)
+        except (RedisError, OSError) as e:  # readiness reports Redis; try again next time
+            log.debug("item sync skipped: %s", e)
+        except Exception:  # never let the loop die quietly
+            log.exception("item sync failed")
+
+
+async def resolve_items(svc: Services, bundle: Bundle, item_ids: list[str]) -> list[str]:
+    """Those of `item_ids` unknown to `bundle`, after looking them up among the items other
+    replicas added (found ones join the catalogue at once, without waiting for the sync).
+    Raises StoreUnavailableError when Redis cannot answer."""
+    unknown = sorted({i for i in item_ids if i not in bundle.catalogue.index})
+    if not unknown:
+        return []
+    found = await svc.store.items_by_id(unknown)
+    if found:
+        async with svc.items_lock:
+            added = merge_items(bundle, found)
+            if svc.bundle is not bundle:  # swapped meanwhile: the new bundle needs them too
+                merge_items(svc.bundle, found)
+        svc.metrics.items_synced.inc(added)
+    return [i for i in unknown if i not in bundle.catalogue.index]
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> FastAPI:
@@ -358,18 +422,24 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             timeout_s=settings.redis_timeout_s,
             cluster=settings.redis_cluster,
         )
-        bundle, base_items = await load_model(settings.bundle_path, settings, provider, store)
+        bundle, base_items, cursor = await load_model(
+            settings.bundle_path, settings, provider, store
+        )
         batcher = MicroBatcher(max_batch=settings.max_batch, observe=metrics.observe_batch)
         batcher.start()
         model = ModelHolder(bundle, base_items=base_items)
-        svc = Services(settings, model, store, batcher, metrics, provider)
+        svc = Services(settings, model, store, batcher, metrics, provider, items_cursor=cursor)
         app.state.services = svc
+        sync = asyncio.create_task(keep_items_in_sync(svc), name="bbqrec-item-sync")
         svc.warmed_up = True
         metrics.model_info.labels(version=bundle.version, provider=provider).set(1)
         log.info("serving %s on %s", bundle.version, bundle.recommender.get_providers()[0])
         try:
             yield
         finally:
+            sync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sync
             await batcher.stop()
             await store.close()
             if embedded is not None:
@@ -418,11 +488,14 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         # swap the bundle in service meanwhile).
         bundle = svc.bundle
         response.headers[MODEL_VERSION_HEADER] = bundle.version
-        catalogue = bundle.catalogue
         if body.history is not None:
             if len(body.history) > bundle.max_history:
                 raise error(422, f"history longer than the model's {bundle.max_history} items")
-            unknown = [i for i in body.history if i not in catalogue.index]
+            try:
+                unknown = await resolve_items(svc, bundle, body.history)
+            except (RedisError, OSError) as e:
+                svc.metrics.redis_errors.labels("read").inc()
+                raise unavailable("history store unavailable; could not look up item ids") from e
             if unknown:
                 svc.metrics.unknown_items.labels("request").inc(len(unknown))
                 raise error(422, "unknown item ids", unknown=unknown[:50])
@@ -440,9 +513,12 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
                 stored = []
             finally:
                 svc.metrics.redis.labels("read").observe(time.perf_counter() - start)
-            history = [i for i in stored if i in catalogue.index]
+            with contextlib.suppress(RedisError, OSError):  # items added on another replica
+                await resolve_items(svc, bundle, stored)
+            history = [i for i in stored if i in bundle.catalogue.index]
             if len(history) < len(stored):
                 svc.metrics.unknown_items.labels("store").inc(len(stored) - len(history))
+        catalogue = bundle.catalogue
         indices = np.array([catalogue.index[i] for i in history], dtype=np.int64)
         if len(indices) == 0:
             if DEGRADED_HEADER not in response.headers:
@@ -494,7 +570,11 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         ]
         if len(set(stamped)) < len(stamped):
             raise error(422, "duplicate timestamped events; nothing was written")
-        unknown = sorted({e.item_id for e in body.events} - svc.bundle.catalogue.index.keys())
+        try:
+            unknown = await resolve_items(svc, svc.bundle, [e.item_id for e in body.events])
+        except (RedisError, OSError) as e:
+            svc.metrics.redis_errors.labels("read").inc()
+            raise unavailable("history store unavailable; the events were not acknowledged") from e
         if unknown:
             svc.metrics.unknown_items.labels("event").inc(len(unknown))
             raise error(422, "unknown item ids; nothing was written", unknown=unknown[:50])
@@ -550,37 +630,47 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             features[bundle.text.modality] = await asyncio.to_thread(bundle.text.embed, [body.text])
         try:
             codes, view_codes = bundle.quantize(features)
-            sid = np.array([*codes[0], catalogue.next_extra(codes[0])], dtype=np.int64)
-        except ValueError as e:
-            raise error(422, str(e)) from e
-        record = {
-            "sid": sid.tolist(),
-            "view_codes": view_codes[0].tolist(),
-            "seq": len(catalogue.item_ids),
-        }
-        try:
-            await svc.store.save_item(body.item_id, record)
+            # The SID is claimed in Redis, atomically across replicas: a free extra-level index
+            # under the codes' prefix, used neither by this bundle nor by any added item.
+            record = await svc.store.add_item(
+                body.item_id,
+                codes[0].tolist(),
+                catalogue.taken_extras(codes[0]),
+                catalogue.codebook_size,
+                view_codes[0].tolist(),
+            )
+        except ItemExistsError as e:  # added on another replica
+            raise error(409, "item already exists") from e
         except (RedisError, OSError) as e:
             svc.metrics.redis_errors.labels("save_item").inc()
             raise unavailable("history store unavailable; the item was not added") from e
-        svc.bundle.catalogue = catalogue.with_item(body.item_id, sid, view_codes[0])
-        index = len(catalogue.item_ids)
+        except ValueError as e:
+            raise error(422, str(e)) from e
+        merge_items(bundle, {body.item_id: record})
         svc.metrics.items_added.inc()
         return ItemResponse(
-            item_id=body.item_id, index=index, semantic_id=sid.tolist(), added_at_serving_time=True
+            item_id=body.item_id,
+            index=bundle.catalogue.index[body.item_id],
+            semantic_id=list(record["sid"]),
+            added_at_serving_time=True,
         )
 
     @app.get(
         "/items/{item_id}",
         response_model=ItemResponse,
         dependencies=[Depends(require_read_key)],
-        responses=errors(401, 404, 422),
+        responses=errors(401, 404, 422, 503),
     )
     async def get_item(item_id: PathId, svc: Svc) -> ItemResponse:
         model = svc.model
-        catalogue = model.bundle.catalogue
-        if item_id not in catalogue.index:
+        try:
+            unknown = await resolve_items(svc, model.bundle, [item_id])
+        except (RedisError, OSError) as e:
+            svc.metrics.redis_errors.labels("read").inc()
+            raise unavailable("history store unavailable; could not look up the item") from e
+        if unknown:
             raise error(404, "unknown item id")
+        catalogue = model.bundle.catalogue
         i = catalogue.index[item_id]
         return ItemResponse(
             item_id=item_id,
@@ -656,7 +746,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         start = time.perf_counter()
         async with svc.reload_lock:
             try:
-                bundle, base_items = await load_model(path, settings, svc.provider, svc.store)
+                bundle, base_items, cursor = await load_model(
+                    path, settings, svc.provider, svc.store
+                )
             # Whatever stops the new bundle from loading (a failed check, a missing file, a file
             # ONNX Runtime cannot read: its errors share no base class) refuses it; the old
             # bundle was never touched.
@@ -665,14 +757,15 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
                 raise error(422, f"bundle refused, still serving the old one: {e}") from e
             # Under the items lock: an item added while the new bundle loaded is not lost.
             async with svc.items_lock:
-                for item_id in svc.bundle.catalogue.item_ids[svc.model.base_items :]:
-                    if item_id not in bundle.catalogue.index:
-                        old = svc.bundle.catalogue
-                        i = old.index[item_id]
-                        bundle.catalogue = bundle.catalogue.with_item(
-                            item_id, old.sids[i], old.view_codes[i]
-                        )
+                old = svc.bundle.catalogue
+                carried = [
+                    (item_id, old.sids[old.index[item_id]], old.view_codes[old.index[item_id]])
+                    for item_id in old.item_ids[svc.model.base_items :]
+                    if item_id not in bundle.catalogue.index
+                ]
+                bundle.catalogue = bundle.catalogue.with_items(carried)
                 previous = svc.model.swap(bundle, base_items=base_items)
+                svc.items_cursor = cursor
         metrics.model_info.remove(previous.version, svc.provider)
         metrics.model_info.labels(version=bundle.version, provider=svc.provider).set(1)
         log.info("swapped %s for %s", previous.version, bundle.version)

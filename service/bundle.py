@@ -6,6 +6,8 @@ refuses a missing, incomplete, corrupt or mismatched bundle with a message that 
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,17 +48,29 @@ class Catalogue:
     def with_item(self, item_id: str, sid: np.ndarray, view_codes: np.ndarray) -> Catalogue:
         """A new snapshot with one more item, at index len(item_ids) (recommendable at once:
         the tables are graph inputs)."""
-        if item_id in self.index:
-            raise ValueError(f"item {item_id!r} already exists")
+        return self.with_items([(item_id, sid, view_codes)])
+
+    def with_items(self, items: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> Catalogue:
+        """A new snapshot with `items` (id, SID, view codes) appended in order, built once."""
+        ids = [item_id for item_id, _, _ in items]
+        if clash := [i for i, n in Counter(ids).items() if n > 1 or i in self.index]:
+            raise ValueError(f"items already exist: {clash[:10]}")
+        if not items:
+            return self
         return Catalogue(
-            item_ids=[*self.item_ids, item_id],
-            sids=np.concatenate([self.sids, np.asarray(sid, dtype=np.int64)[None]]),
+            item_ids=[*self.item_ids, *ids],
+            sids=np.concatenate([self.sids, np.asarray([s for _, s, _ in items], dtype=np.int64)]),
             view_codes=np.concatenate(
-                [self.view_codes, np.asarray(view_codes, dtype=np.int64)[None]]
+                [self.view_codes, np.asarray([v for _, _, v in items], dtype=np.int64)]
             ),
-            popularity=np.concatenate([self.popularity, np.zeros(1, dtype=np.int64)]),
+            popularity=np.concatenate([self.popularity, np.zeros(len(items), dtype=np.int64)]),
             codebook_size=self.codebook_size,
         )
+
+    def taken_extras(self, prefix: np.ndarray) -> list[int]:
+        """The extra-level indices used under a SID prefix (the other codes)."""
+        rows = (self.sids[:, :-1] == np.asarray(prefix, dtype=np.int64)).all(axis=1)
+        return sorted(set(self.sids[rows, -1].tolist()))
 
     def next_extra(self, codes: np.ndarray) -> int:
         """Smallest extra-level index not yet used under this SID prefix (deterministic)."""

@@ -77,6 +77,11 @@ class Metrics:
         self.items_added = Counter(
             "bbqrec_items_added_total", "Items added at serving time.", registry=registry
         )
+        self.items_synced = Counter(
+            "bbqrec_items_synced_total",
+            "Items added at serving time on another replica, taken into this one's catalogue.",
+            registry=registry,
+        )
         self.model_info = Gauge(
             "bbqrec_model_info",
             "The served model (value 1).",

@@ -34,6 +34,13 @@ class Settings(BaseSettings):
         description="Budget for one request's Redis work (retries included); past it the "
         "request is answered degraded (/recommend) or 503 (writes).",
     )
+    items_sync_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="How often a replica takes in the items other replicas added (a request "
+        "naming such an item looks it up at once).",
+    )
     api_key: SecretStr | None = Field(default=None, description="Required on write routes.")
     protect_reads: bool = Field(default=False, description="Also require the key on reads.")
     max_body_bytes: int = Field(default=1 << 20, ge=1024)

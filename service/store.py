@@ -1,11 +1,17 @@
-"""User histories (and added items) in Redis, behind a small protocol.
+"""User histories and the items added at serving time, in Redis, behind a small protocol.
 
 Keys are designed for Redis Cluster slots: a user's history key carries the user id in a hash
-tag (`bbqrec:{user}:hist`), so every command names one key and so one slot; the items added at
-serving time live in one hash (`bbqrec:items`), one key as well. A history is a capped list,
-newest first: LPUSH + LTRIM in one MULTI. On one server a batch of events is one MULTI over all
-its users (all or nothing); on a cluster a MULTI may only touch one slot, so the batch is one
-MULTI per slot, and a failure part-way reports which users' events were committed.
+tag (`bbqrec:{user}:hist`), so each history is one key and so one slot; the added items live in
+three keys that share the hash tag `{items}`, so one slot. A history is a capped list, newest
+first, appended by one Lua script (LPUSH + LTRIM per user, atomic, one round trip). On one server
+a batch of events is one script call over all its users (all or nothing); on a cluster a script
+may only touch one slot, so the batch is one call per slot, and a failure part-way reports which
+users' events were committed.
+
+Items added at serving time are shared by every replica: `add_item` claims the item id and a
+free SID in one script (atomic across replicas, so two replicas never give one SID to two items)
+and appends the id to a log; each replica reads the log from its own cursor (`items_since`) to
+take in the items others added.
 
 Every call runs under one time budget (retries included). Past it, or when Redis cannot be
 reached, the call raises `StoreUnavailableError` instead of waiting: the service answers
@@ -15,7 +21,9 @@ degraded or 503, it does not pile requests up behind a slow or dead Redis.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -26,9 +34,51 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-ITEMS_KEY = "bbqrec:items"  # hash: item id -> JSON {sid, view_codes, seq}
+ITEMS_KEY = "bbqrec:{items}"  # hash: item id -> JSON {sid, view_codes, seq}
+SIDS_KEY = "bbqrec:{items}:sids"  # hash: SID "c1,...,cD" -> item id (the claimed SIDs)
+ITEMS_LOG_KEY = "bbqrec:{items}:log"  # list: item ids in the order they were added (seq - 1)
+ITEMS_PAGE = 1000  # ids per HMGET when reading the log
+
+# KEYS: one history per user. ARGV: capacity, then per user: n, then n item ids (oldest first).
+APPEND_SCRIPT = """
+local capacity, at = tonumber(ARGV[1]), 2
+for _, key in ipairs(KEYS) do
+  local n = tonumber(ARGV[at])
+  redis.call('LPUSH', key, unpack(ARGV, at + 1, at + n))
+  redis.call('LTRIM', key, 0, capacity - 1)
+  at = at + n + 1
+end
+return #KEYS
+"""
+
+# KEYS: items, sids, log. ARGV: item id, claim token, SID prefix "c1,...,c(D-1)", codebook
+# size, view codes as JSON, then the extra-level indices the bundle itself uses under that prefix.
+# Returns the stored record (JSON; an existing one when the item exists), or -2 when the prefix
+# is full. The token tells a client's own earlier attempt (a retry after a lost reply) from an
+# item someone else added.
+ADD_ITEM_SCRIPT = """
+local existing = redis.call('HGET', KEYS[1], ARGV[1])
+if existing then return existing end
+local taken = {}
+for i = 6, #ARGV do taken[ARGV[i]] = true end
+for e = 0, tonumber(ARGV[4]) - 1 do
+  local extra = tostring(e)
+  local sid = ARGV[3] .. ',' .. extra
+  if not taken[extra] and redis.call('HSETNX', KEYS[2], sid, ARGV[1]) == 1 then
+    local seq = redis.call('RPUSH', KEYS[3], ARGV[1])
+    local record = '{"sid": [' .. sid .. '], "view_codes": ' .. ARGV[5] .. ', "seq": ' .. seq
+      .. ', "claim": "' .. ARGV[2] .. '"}'
+    redis.call('HSET', KEYS[1], ARGV[1], record)
+    return record
+  end
+end
+return -2
+"""
+SHA1 = {
+    source: hashlib.sha1(source.encode()).hexdigest() for source in (APPEND_SCRIPT, ADD_ITEM_SCRIPT)
+}
 
 
 def history_key(user_id: str) -> str:
@@ -44,11 +94,25 @@ class StoreUnavailableError(RedisError):
         self.committed = tuple(committed)
 
 
+class ItemExistsError(ValueError):
+    """The item id was added before (by this replica or another)."""
+
+
 class HistoryStore(Protocol):
     async def history(self, user_id: str) -> list[str]: ...
     async def append(self, events: Sequence[tuple[str, str]]) -> None: ...
-    async def save_item(self, item_id: str, record: dict[str, Any]) -> None: ...
-    async def items(self) -> dict[str, dict[str, Any]]: ...
+    async def add_item(
+        self,
+        item_id: str,
+        prefix: Sequence[int],
+        taken: Sequence[int],
+        codebook_size: int,
+        view_codes: list[list[int]],
+    ) -> dict[str, Any]: ...
+    async def items_since(
+        self, cursor: int, *, timeout_s: float | None = None
+    ) -> tuple[int, dict[str, dict[str, Any]]]: ...
+    async def items_by_id(self, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]: ...
     async def ping(self) -> bool: ...
     async def close(self) -> None: ...
 
@@ -80,15 +144,21 @@ class RedisHistoryStore:
         return cls(client, capacity=capacity, timeout_s=timeout_s)
 
     @asynccontextmanager
-    async def _budget(self, operation: str) -> AsyncIterator[None]:
-        """Run the block within the time budget; any failure becomes StoreUnavailableError."""
+    async def _budget(self, operation: str, timeout_s: float | None = None) -> AsyncIterator[None]:
+        """Run the block within the time budget (the store's, unless `timeout_s` is given); any
+        failure becomes StoreUnavailableError."""
+        budget = self.timeout_s if timeout_s is None else timeout_s
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(budget):
+                if isinstance(self.client, aioredis.RedisCluster):
+                    # The slot map once, under the client's lock (a no-op after): concurrent
+                    # first commands on an uninitialised async RedisCluster race each other.
+                    await self.client.initialize()
                 yield
         except StoreUnavailableError:
             raise
         except TimeoutError as e:  # before OSError, which it subclasses
-            raise StoreUnavailableError(f"{operation}: no answer within {self.timeout_s} s") from e
+            raise StoreUnavailableError(f"{operation}: no answer within {budget} s") from e
         except (RedisError, RedisClusterException, OSError) as e:
             raise StoreUnavailableError(f"{operation}: {type(e).__name__}: {e}") from e
 
@@ -98,8 +168,17 @@ class RedisHistoryStore:
             items = await self.client.lrange(history_key(user_id), 0, self.capacity - 1)
         return [str(i) for i in reversed(items)]
 
+    async def _script(self, source: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """EVALSHA, and EVAL where the server does not hold the script yet (new or restarted).
+        Both go to the keys' node only (redis-py's script objects load a script on every
+        primary of a cluster, so one dead node would fail every call)."""
+        try:
+            return await self.client.evalsha(SHA1[source], len(keys), *keys, *args)
+        except NoScriptError:
+            return await self.client.eval(source, len(keys), *keys, *args)
+
     def _transactions(self, users: Sequence[str]) -> list[list[str]]:
-        """Users grouped so that one MULTI touches one slot: all of them on one server."""
+        """Users grouped so that one script call touches one slot: all of them on one server."""
         if not isinstance(self.client, aioredis.RedisCluster):
             return [list(users)]
         by_slot: dict[int, list[str]] = defaultdict(list)
@@ -117,23 +196,70 @@ class RedisHistoryStore:
         try:
             async with self._budget("append"):
                 for users in self._transactions(list(by_user)):
-                    async with self.client.pipeline(transaction=True) as pipe:
-                        for user in users:
-                            pipe.lpush(history_key(user), *by_user[user])
-                            pipe.ltrim(history_key(user), 0, self.capacity - 1)
-                        await pipe.execute()
+                    args: list[str | int] = [self.capacity]
+                    for user in users:
+                        args += [len(by_user[user]), *by_user[user]]
+                    await self._script(APPEND_SCRIPT, [history_key(u) for u in users], args)
                     committed.extend(users)
         except StoreUnavailableError as e:
             raise StoreUnavailableError(str(e), committed) from e.__cause__
 
-    async def save_item(self, item_id: str, record: dict[str, Any]) -> None:
-        async with self._budget("save_item"):
-            await self.client.hset(ITEMS_KEY, item_id, json.dumps(record))
+    async def add_item(
+        self,
+        item_id: str,
+        prefix: Sequence[int],
+        taken: Sequence[int],
+        codebook_size: int,
+        view_codes: list[list[int]],
+    ) -> dict[str, Any]:
+        """Claim `item_id` and the first extra-level index under the SID `prefix` that neither
+        the bundle (`taken`) nor any replica's added item uses; returns the stored record
+        {sid, view_codes, seq, claim}. Raises ItemExistsError, or ValueError when the prefix is
+        full. Safe to retry: a client retries after a lost reply, and the claim token makes the
+        second run return the first one's record."""
+        claim = uuid.uuid4().hex
+        async with self._budget("add_item"):
+            stored = await self._script(
+                ADD_ITEM_SCRIPT,
+                [ITEMS_KEY, SIDS_KEY, ITEMS_LOG_KEY],
+                [
+                    item_id,
+                    claim,
+                    ",".join(str(int(c)) for c in prefix),
+                    codebook_size,
+                    json.dumps(view_codes),
+                    *(int(e) for e in taken),
+                ],
+            )
+        if stored == -2:
+            raise ValueError(f"SID prefix {list(prefix)} already holds {codebook_size} items")
+        record = dict(json.loads(stored))
+        if record.get("claim") != claim:
+            raise ItemExistsError(f"item {item_id!r} already exists")
+        return record
 
-    async def items(self) -> dict[str, dict[str, Any]]:
-        async with self._budget("items"):
-            raw = await self.client.hgetall(ITEMS_KEY)
-        return {str(item): json.loads(record) for item, record in raw.items()}
+    async def items_since(
+        self, cursor: int, *, timeout_s: float | None = None
+    ) -> tuple[int, dict[str, dict[str, Any]]]:
+        """The items added after the first `cursor` ones, in the order they were added, and the
+        new cursor. `timeout_s` overrides the budget (a start-up restore may read many)."""
+        records: dict[str, dict[str, Any]] = {}
+        async with self._budget("items_since", timeout_s):
+            ids = [str(i) for i in await self.client.lrange(ITEMS_LOG_KEY, cursor, -1)]
+            for start in range(0, len(ids), ITEMS_PAGE):
+                page = ids[start : start + ITEMS_PAGE]
+                for item, raw in zip(page, await self.client.hmget(ITEMS_KEY, page), strict=True):
+                    if raw is not None:
+                        records[item] = json.loads(raw)
+        return cursor + len(ids), records
+
+    async def items_by_id(self, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The records of those of `item_ids` that were added at serving time."""
+        if not item_ids:
+            return {}
+        async with self._budget("items_by_id"):
+            raw = await self.client.hmget(ITEMS_KEY, list(item_ids))
+        return {i: json.loads(r) for i, r in zip(item_ids, raw, strict=True) if r is not None}
 
     async def ping(self) -> bool:
         """The server, or every primary of the cluster, answers within the budget."""

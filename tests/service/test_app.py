@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,17 @@ def test_histories_are_capped(bundle_dir: Path, clean_redis: None) -> None:
         assert c.get("/users/u/history").json()["items"] == list(ids[6:10])
 
 
+def look_alike(client: TestClient, history: list[str]) -> dict[str, list[float]]:
+    """The features of a top-10 item for `history`: the one whose SID prefix holds the fewest
+    items, so that a new item with them takes an extra-level index the model saw often."""
+    ds = load_dataset()
+    catalogue = client.app.state.services.bundle.catalogue  # type: ignore[attr-defined]
+    top = client.post("/recommend", json={"user_id": "x", "history": history, "k": 10}).json()
+    ranked = [ds.item_ids.index(i["item_id"]) for i in top["items"]]
+    best = min(ranked, key=lambda i: len(catalogue.taken_extras(catalogue.sids[i][:-1])))
+    return {m: ds.features[m][best].tolist() for m in MODALITIES}
+
+
 def test_new_item_is_recommendable_at_once_and_survives_a_restart(
     bundle_dir: Path, clean_redis: None
 ) -> None:
@@ -123,10 +135,8 @@ def test_new_item_is_recommendable_at_once_and_survives_a_restart(
     ids = ds.item_ids
     with make_client(bundle_dir) as c:
         history = [ids[3], ids[17], ids[42]]
-        top = c.post("/recommend", json={"user_id": "x", "history": history, "k": 1}).json()
-        best = ds.item_ids.index(top["items"][0]["item_id"])
-        # a new item with the best item's content shares its SID prefix (a sibling in the trie)
-        features = {m: ds.features[m][best].tolist() for m in MODALITIES}
+        # a new item with a top item's content shares its SID prefix (a sibling in the trie)
+        features = look_alike(c, history)
         r = c.post("/items", json={"item_id": "NEW-1", "features": features})
         assert r.status_code == 201, r.text
         added = r.json()
@@ -142,6 +152,48 @@ def test_new_item_is_recommendable_at_once_and_survives_a_restart(
         assert again.status_code == 200
         assert again.json()["semantic_id"] == added["semantic_id"]
         assert c.get("/items/UNKNOWN").status_code == 404
+
+
+def test_replicas_share_the_items_added_at_serving_time(
+    bundle_dir: Path, clean_redis: None
+) -> None:
+    ds = load_dataset()
+    ids = ds.item_ids
+    history = [ids[3], ids[17], ids[42]]
+    with make_client(bundle_dir, items_sync_s=0.1) as a, make_client(bundle_dir) as b:
+        features = look_alike(a, history)
+        added = a.post("/items", json={"item_id": "NEW-A", "features": features}).json()
+        # Replica b has not synced yet (1 s), but a request naming the item finds it at once.
+        event = {"events": [{"user_id": "u", "item_id": "NEW-A"}]}
+        assert b.post("/events", json=event).status_code == 200
+        assert b.get("/items/NEW-A").json()["semantic_id"] == added["semantic_id"]
+        assert b.post("/items", json={"item_id": "NEW-A", "features": features}).status_code == 409
+        # Look-alike items added on both replicas: one SID prefix, never one SID.
+        sids = {tuple(added["semantic_id"])}
+        for client, item in ((b, "NEW-B"), (a, "NEW-C"), (b, "NEW-D")):
+            r = client.post("/items", json={"item_id": item, "features": features})
+            assert r.status_code == 201, r.text
+            sids.add(tuple(r.json()["semantic_id"]))
+        assert len(sids) == 4
+        assert len({sid[:-1] for sid in sids}) == 1
+        # ... and the periodic sync brings each replica the items the other added without a
+        # request naming them (a: NEW-B, NEW-D; b: NEW-C, after NEW-A by lookup): then both hold
+        # one catalogue and rank alike.
+        deadline = time.monotonic() + 10
+        while not all("bbqrec_items_synced_total 2.0" in c.get("/metrics").text for c in (a, b)):
+            assert time.monotonic() < deadline, "the replicas never synced"
+            time.sleep(0.1)
+        ranked = [
+            {
+                i["item_id"]: i["score"]
+                for i in c.post(
+                    "/recommend", json={"user_id": "x", "history": history, "k": 100}
+                ).json()["items"]
+            }
+            for c in (a, b)
+        ]
+        assert ranked[0].keys() == ranked[1].keys()
+        assert all(abs(ranked[0][i] - ranked[1][i]) < 1e-5 for i in ranked[0])
 
 
 def test_readiness_reports_redis_down(bundle_dir: Path) -> None:

@@ -3,6 +3,7 @@ starts one) and against a real three-node Redis Cluster started for this module.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -11,7 +12,7 @@ import redis
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
-from service.store import RedisHistoryStore, StoreUnavailableError, history_key
+from service.store import ItemExistsError, RedisHistoryStore, StoreUnavailableError, history_key
 from tests.service.redis_procs import HOST, free_port, redis_cluster
 
 pytestmark = pytest.mark.anyio
@@ -80,11 +81,41 @@ async def test_a_batch_over_many_users_keeps_each_users_order(store: RedisHistor
         assert await store.history(user) == [f"{user}/{n}" for n in range(3)]
 
 
-async def test_items_round_trip(store: RedisHistoryStore) -> None:
-    record = {"sid": [1, 2, 3, 0], "view_codes": [[1, 2, 3]], "seq": 7}
-    await store.save_item("NEW-1", record)
-    await store.save_item("NEW-2", record | {"seq": 8})
-    assert await store.items() == {"NEW-1": record, "NEW-2": record | {"seq": 8}}
+async def test_added_items_claim_distinct_sids_and_are_logged(store: RedisHistoryStore) -> None:
+    view = [[1, 2, 3]]
+    first = await store.add_item("NEW-1", [1, 2, 3], [0, 2], 5, view)
+    assert first["sid"] == [1, 2, 3, 1]  # 0 and 2: the bundle's
+    assert first["view_codes"] == view
+    assert first["seq"] == 1
+    second = await store.add_item("NEW-2", [1, 2, 3], [0, 2], 5, view)
+    assert second["sid"] == [1, 2, 3, 3]
+    assert second["seq"] == 2
+    assert (await store.add_item("NEW-3", [7, 7, 7], [], 5, view))["sid"] == [7, 7, 7, 0]
+    with pytest.raises(ItemExistsError):
+        await store.add_item("NEW-1", [9, 9, 9], [], 5, view)
+    await store.add_item("NEW-4", [1, 2, 3], [0, 2], 5, view)
+    with pytest.raises(ValueError, match="already holds 5 items"):
+        await store.add_item("NEW-5", [1, 2, 3], [0, 2], 5, view)
+    cursor, records = await store.items_since(0)
+    assert cursor == 4
+    assert list(records) == ["NEW-1", "NEW-2", "NEW-3", "NEW-4"]
+    assert records["NEW-2"] == second
+    assert await store.items_since(4) == (4, {})
+    assert list((await store.items_since(2))[1]) == ["NEW-3", "NEW-4"]
+    assert await store.items_by_id(["NEW-2", "unknown"]) == {"NEW-2": second}
+
+
+async def test_concurrent_adds_under_one_prefix_never_share_a_sid(
+    store: RedisHistoryStore,
+) -> None:
+    # What two replicas adding look-alike items at once do: each claim is one atomic script.
+    added = await asyncio.gather(
+        *(store.add_item(f"item-{n}", [4, 5], [0], 64, [[0]]) for n in range(40))
+    )
+    sids = [tuple(record["sid"]) for record in added]
+    assert len(set(sids)) == 40
+    assert (4, 5, 0) not in sids
+    assert sorted(record["seq"] for record in added) == list(range(1, 41))
 
 
 async def test_ping(store: RedisHistoryStore) -> None:
