@@ -22,7 +22,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -242,7 +242,8 @@ ERRORS = {
     401: "Missing or wrong X-API-Key.",
     403: "Admin routes are disabled (no API key configured).",
     404: "Unknown id.",
-    409: "Already exists.",
+    409: "Already exists (an item), or not possible in this deployment (a reload with several "
+    "workers).",
     413: "Request body larger than the configured limit.",
     422: "Invalid request: the reason says what, nothing was written.",
     503: "History store unavailable (see Retry-After); the write was not acknowledged.",
@@ -444,6 +445,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             await store.close()
             if embedded is not None:
                 embedded.close()
+            metrics.close()
 
     app = FastAPI(
         title="BBQRec",
@@ -718,7 +720,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_route() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/model", dependencies=[Depends(require_read_key)], responses=errors(401))
     async def model_info(svc: Svc) -> dict[str, Any]:
@@ -736,12 +738,18 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         "/admin/reload",
         response_model=ReloadResponse,
         dependencies=[Depends(require_admin)],
-        responses=errors(401, 403, 413, 422),
+        responses=errors(401, 403, 409, 413, 422),
     )
     async def reload(svc: Svc, body: ReloadRequest | None = None) -> ReloadResponse:
         """Load a bundle (the configured one, or `bundle_path`), verify and warm it up, then
         swap it in at once. Requests already batched finish on the old bundle; a bundle that
         fails to load is refused and the old one keeps serving."""
+        if settings.workers > 1:
+            raise error(
+                409,
+                f"this service runs {settings.workers} worker processes and a reload would swap "
+                "the bundle of one of them; restart the service to change the bundle",
+            )
         path = Path(body.bundle_path) if body and body.bundle_path else settings.bundle_path
         start = time.perf_counter()
         async with svc.reload_lock:
@@ -777,3 +785,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         )
 
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app with settings from BBQREC_* environment variables: the factory each worker of
+    `bbqrec serve --workers N` builds (uvicorn imports it by name in every worker process)."""
+    return create_app(Settings())  # type: ignore[call-arg]  # bundle_path from the environment

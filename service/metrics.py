@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+def multiprocess() -> bool:
+    """Several worker processes share one metrics directory (`bbqrec serve --workers N` sets
+    PROMETHEUS_MULTIPROC_DIR before starting them; prometheus-client reads it at import)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
 class Metrics:
-    """All service metrics, registered in one registry (a fresh one per app in tests)."""
+    """All service metrics, registered in one registry (a fresh one per app in tests). With
+    several workers each process writes its values to the shared directory, and any of them
+    answers /metrics with the sum over all (`exposition`)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -87,7 +98,21 @@ class Metrics:
             "The served model (value 1).",
             ["version", "provider"],
             registry=registry,
+            multiprocess_mode="liveall",  # one series per live worker: each names its model
         )
+
+    def exposition(self) -> bytes:
+        """The text format of every metric: this process's, or all workers' together."""
+        if multiprocess():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return bytes(generate_latest(registry))
+        return bytes(generate_latest(self.registry))
+
+    def close(self) -> None:
+        """A worker leaving: its live gauges go (counters and histograms keep their counts)."""
+        if multiprocess():
+            mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
     def observe_batch(self, size: int, waits: list[float], inference_s: float) -> None:
         self.batch_size.observe(size)

@@ -34,6 +34,14 @@ class Settings(BaseSettings):
         description="Budget for one request's Redis work (retries included); past it the "
         "request is answered degraded (/recommend) or 503 (writes).",
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Worker processes (`bbqrec serve`), each with its own ONNX Runtime session "
+        "and micro-batcher. POST /admin/reload is refused when > 1 (it would reload one of "
+        "them): restart instead.",
+    )
     items_sync_s: float = Field(
         default=1.0,
         gt=0,

@@ -18,6 +18,7 @@ import typer
 from training.data import EMBEDDED_DATASET, Dataset, DatasetError, leave_one_out, load_dataset
 
 if TYPE_CHECKING:
+    from service.settings import Settings
     from training.loop import FitResult
 
 app = typer.Typer(help="BBQRec: train, evaluate, export and serve.", no_args_is_help=True)
@@ -319,6 +320,10 @@ def serve(
     redis_url: Annotated[
         str | None, typer.Option(help="Redis URL (default: BBQREC_REDIS_URL, else embedded).")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Worker processes (default: BBQREC_WORKERS, else 1)."),
+    ] = None,
 ) -> None:
     """Serve a bundle over HTTP (other settings from BBQREC_* environment variables)."""
     import uvicorn
@@ -330,13 +335,49 @@ def serve(
     overrides: dict[str, Any] = {"bundle_path": bundle}
     if redis_url is not None:
         overrides["redis_url"] = redis_url
+    if workers is not None:
+        overrides["workers"] = workers
     try:
         settings = Settings(**overrides)
     except ValidationError as e:
         raise _fail(str(e)) from e
     # No per-request access log line: at thousands of requests a second it costs more than the
     # route; requests are counted and timed in /metrics instead.
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
+    options: dict[str, Any] = {"host": host, "port": port, "log_level": "info", "access_log": False}
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    _serve_workers(settings, options)
+
+
+def _serve_workers(settings: Settings, options: dict[str, Any]) -> None:
+    """`settings.workers` uvicorn worker processes, each building the app from BBQREC_*
+    variables (validated once above). They share one Redis (the embedded one is started here,
+    once) and one Prometheus metrics directory, so /metrics on any worker counts them all."""
+    import shutil
+    import tempfile
+
+    import uvicorn
+
+    from service.store import EmbeddedRedis
+
+    embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir)
+    env = {
+        "BBQREC_BUNDLE_PATH": str(settings.bundle_path),
+        "BBQREC_REDIS_URL": settings.redis_url or (embedded.url if embedded else ""),
+        "BBQREC_WORKERS": str(settings.workers),
+    }
+    own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if own_metrics_dir:
+        env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bbqrec-metrics-")
+    os.environ.update(env)
+    try:
+        uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **options)
+    finally:
+        if own_metrics_dir:
+            shutil.rmtree(env["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+        if embedded is not None:
+            embedded.close()
 
 
 # Generative-model variants: the full model and the model-side ablations.
