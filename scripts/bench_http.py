@@ -2,8 +2,8 @@
 
     python scripts/bench_http.py --bundle runs/bundles/beauty-bench [--duration 15]
 
-Starts `bbqrec serve` on the bundle (one uvicorn process, Redis database 13 of the local
-server, flushed), stores real histories (the last 20 training items of the dataset's first
+Starts `bbqrec serve` on the bundle (`--workers` processes, default 1; Redis database 13 of the
+local server, flushed), stores real histories (the last 20 training items of the dataset's first
 users) through POST /events, then, in one run:
 - `GET /healthz` (the no-model route: the framework's ceiling), `POST /recommend` (k = 10,
   stored history) and `POST /events` (one event), closed loop at 1, 8 and 64 connections;
@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=15, help="Seconds per measurement.")
     parser.add_argument("--connections", default="1,8,64")
     parser.add_argument("--users", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=1, help="bbqrec serve --workers")
     parser.add_argument("--out", type=Path, help="Also write the runs as JSON here.")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -150,6 +151,7 @@ def main() -> None:
     base = f"http://127.0.0.1:{args.port}"
     redis.Redis.from_url(args.redis_url).flushdb()
     serve = ["serve", "--bundle", str(args.bundle), "--port", str(args.port)]
+    serve += ["--workers", str(args.workers)]
     server = subprocess.Popen(
         [sys.executable, "-m", "training.cli", *serve, "--redis-url", args.redis_url]
     )
@@ -177,7 +179,7 @@ def main() -> None:
             delay = max(c * 1000 / half - latency_ms, 0.0)
         runs.append(measure(base, "recommend", c, args.duration, env, delay_ms=delay))
         runs += [measure(base, "events", c, args.duration, env) for c in conns]
-        rss_mib = rss_bytes(server.pid) / 2**20
+        rss_mib = rss_bytes(server.pid, children=True) / 2**20
     finally:
         server.terminate()
         server.wait(timeout=30)

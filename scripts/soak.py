@@ -40,11 +40,21 @@ HOST = "127.0.0.1"
 RSS_GROWTH_LIMIT = 0.10
 
 
-def rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int, *, children: bool = False) -> int:
+    """Resident memory of a process; with `children`, plus that of its direct children (the
+    worker processes of `bbqrec serve --workers N`)."""
+    total = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+            total = int(line.split()[1]) * 1024
+            break
+    else:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    if children:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += rss_bytes(int(child))
+    return total
 
 
 class Connection:
