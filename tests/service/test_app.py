@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.settings import Settings
 from tests.service.conftest import REDIS_URL
+from tests.service.redis_procs import servers_in
 from training.data import load_dataset
 
 MODALITIES = ("clip_vitb32_image", "clip_vitb32_text")
@@ -259,12 +260,16 @@ def test_metrics_use_route_templates_not_ids(client: TestClient) -> None:
 
 
 def test_embedded_redis_persists_events(bundle_dir: Path, tmp_path: Path) -> None:
-    settings = Settings(bundle_path=bundle_dir, data_dir=tmp_path / "data")
+    data = tmp_path / "data"
+    settings = Settings(bundle_path=bundle_dir, data_dir=data)
     event = {"events": [{"user_id": "e", "item_id": item_ids()[7]}]}
     with TestClient(create_app(settings)) as c:
         assert c.post("/events", json=event).status_code == 200
+        assert servers_in(data)
+    assert servers_in(data) == []  # the app's shutdown stopped its server
     with TestClient(create_app(settings)) as c:
         assert c.get("/users/e/history").json()["items"] == [item_ids()[7]]
+    assert servers_in(data) == []
 
 
 def test_settings_refuse_a_bad_deployment(tmp_path: Path, bundle_dir: Path) -> None:

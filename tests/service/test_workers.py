@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.redis_procs import free_port
+from tests.service.redis_procs import free_port, servers_in
 from training.data import load_dataset
 
 KEY = "test-key"
@@ -61,6 +61,7 @@ def workers(exported: tuple[Path, Path], tmp_path: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+    assert servers_in(tmp_path / "data") == []  # the embedded Redis stopped with the service
 
 
 def test_workers_share_redis_items_and_metrics(workers: str) -> None:
