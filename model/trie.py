@@ -34,12 +34,19 @@ def trie_tables(sids: np.ndarray, codebook_size: int) -> list[np.ndarray]:
     return children
 
 
+def taken_extras(sids: np.ndarray, prefix: np.ndarray) -> list[int]:
+    """The extra-level indices (last SID column) of the items whose other codes equal
+    `prefix`, ascending."""
+    rows = (sids[:, :-1] == np.asarray(prefix, dtype=np.int64)).all(axis=1)
+    return sorted(set(sids[rows, -1].tolist()))
+
+
 def next_free_extra(sids: np.ndarray, prefix: np.ndarray, codebook_size: int) -> int:
-    """Smallest extra-level index (last SID column) not yet used by an item whose other codes
-    equal `prefix`: where a new item with that prefix goes (deterministic)."""
-    prefix = np.asarray(prefix, dtype=np.int64)
-    used = set(sids[(sids[:, :-1] == prefix).all(axis=1), -1].tolist())
+    """Smallest extra-level index not yet used under `prefix`: where a new item with that
+    prefix goes (deterministic)."""
+    used = set(taken_extras(sids, prefix))
     free = next((j for j in range(codebook_size) if j not in used), None)
     if free is None:
+        prefix = np.asarray(prefix, dtype=np.int64)
         raise ValueError(f"SID prefix {prefix.tolist()} already holds {codebook_size} items")
     return free

@@ -330,6 +330,11 @@ class BodyLimit:
 # -- app -------------------------------------------------------------------------------------
 
 
+def restore_budget(settings: Settings) -> float:
+    """Redis budget for reading the items added at serving time (at start-up, many at once)."""
+    return max(settings.redis_timeout_s, RESTORE_TIMEOUT_S)
+
+
 def merge_items(bundle: Bundle, records: dict[str, dict[str, Any]]) -> int:
     """Take items added at serving time (records from the store, by any replica) into the
     bundle's catalogue, in the order they were added; returns how many were new to it. Callers
@@ -360,8 +365,7 @@ async def load_model(
     base_items = len(bundle.catalogue.item_ids)
     cursor = 0
     try:
-        budget = max(settings.redis_timeout_s, RESTORE_TIMEOUT_S)
-        cursor, records = await store.items_since(0, timeout_s=budget)
+        cursor, records = await store.items_since(0, timeout_s=restore_budget(settings))
         merge_items(bundle, records)
     except (RedisError, OSError) as e:
         log.warning("could not restore items added at serving time: %s", e)
@@ -371,7 +375,7 @@ async def load_model(
 
 async def sync_items(svc: Services) -> int:
     """Take in the items other replicas added since the last sync; returns how many."""
-    budget = max(svc.settings.redis_timeout_s, RESTORE_TIMEOUT_S)
+    budget = restore_budget(svc.settings)
     cursor, records = await svc.store.items_since(svc.items_cursor, timeout_s=budget)
     async with svc.items_lock:
         added = merge_items(svc.bundle, records)

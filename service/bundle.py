@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from model.trie import next_free_extra, trie_tables
+from model.trie import next_free_extra, taken_extras, trie_tables
 from service.manifest import BundleError, read_manifest
 
 
@@ -69,8 +69,7 @@ class Catalogue:
 
     def taken_extras(self, prefix: np.ndarray) -> list[int]:
         """The extra-level indices used under a SID prefix (the other codes)."""
-        rows = (self.sids[:, :-1] == np.asarray(prefix, dtype=np.int64)).all(axis=1)
-        return sorted(set(self.sids[rows, -1].tolist()))
+        return taken_extras(self.sids, prefix)
 
     def next_extra(self, codes: np.ndarray) -> int:
         """Smallest extra-level index not yet used under this SID prefix (deterministic)."""
