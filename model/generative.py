@@ -410,7 +410,7 @@ def beam_search(
     children: tuple[Tensor, ...],
     *,
     k: int | Tensor,
-    beam: int,
+    beam: int | Tensor,
     exclude: Tensor | None = None,
     num_items: int | None = None,
 ) -> BeamResult:
@@ -419,20 +419,18 @@ def beam_search(
     `exclude` (B, E) item indices (-1 = none) are removed at the last step (already seen items);
     `num_items` is the catalogue size (default: read off the last trie table).
     The beam keeps max(beam, k) prefixes; with that at least the number of valid prefixes at
-    every depth the search is exhaustive. `k` may be a 0-d tensor and nothing branches on tensor
-    values, so the whole search exports to one ONNX graph with a runtime k.
+    every depth the search is exhaustive. `k` and `beam` may be 0-d tensors and nothing branches
+    on tensor values, so the whole search exports to one ONNX graph with a runtime k and beam.
 
     Each step runs the decoder on the new token only, with the earlier positions' self-attention
     keys and values cached (and reordered with their beams) and the cross-attention keys and
     values computed once: equal to re-running the decoder on the whole prefix.
     """
-    if isinstance(k, int) and beam < k:
-        raise ValueError(f"beam ({beam}) must be >= k ({k})")
     c = model.config
     B = sids.shape[0]
     device = sids.device
     k_t = torch.as_tensor(k, dtype=torch.long, device=device)
-    width = torch.maximum(k_t, torch.tensor(beam, device=device))  # () beam width
+    width = torch.maximum(k_t, torch.as_tensor(beam, dtype=torch.long, device=device))  # ()
     enc = model.encode(sids, view_codes)
     cross = model.cross_keys_values(enc)
     past: tuple[KeyValues, ...] | None = None

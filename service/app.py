@@ -361,6 +361,7 @@ async def load_model(
         path,
         providers=session_providers(provider),
         intra_op_threads=settings.intra_op_threads,
+        beam=settings.beam,
     )
     base_items = len(bundle.catalogue.item_ids)
     cursor = 0
@@ -735,6 +736,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             "items": len(svc.bundle.catalogue.item_ids),
             "max_history": svc.bundle.max_history,
             "max_k": m["max_k"],
+            "beam": svc.bundle.beam,
             "modalities": m["modalities"],
         }
 

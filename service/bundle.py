@@ -138,11 +138,21 @@ class Bundle:
     """A loaded bundle: ORT sessions, the manifest and the catalogue tables."""
 
     def __init__(
-        self, path: Path, *, providers: list[str] | None = None, intra_op_threads: int = 1
+        self,
+        path: Path,
+        *,
+        providers: list[str] | None = None,
+        intra_op_threads: int = 1,
+        beam: int | None = None,
     ) -> None:
+        """`beam`: the beam width of every search (it keeps max(k, beam) prefixes); default the
+        one the model was trained and exported with. Narrower is faster and may rank worse."""
         self.path = path
         self.manifest = read_manifest(path)
         m = self.manifest
+        self.beam = int(m["beam"]) if beam is None else beam
+        if self.beam < 1:
+            raise ValueError(f"beam must be >= 1, got {self.beam}")
         opts = session_options(intra_op_threads)
         providers = providers or ["CPUExecutionProvider"]
         self.recommender = ort.InferenceSession(
@@ -188,6 +198,7 @@ class Bundle:
         feed = {
             "histories": histories,
             "k": np.array(k, dtype=np.int64),
+            "beam": np.array(self.beam, dtype=np.int64),
             "exclude": np.ascontiguousarray(exclude, dtype=np.int64),
             "sid_table": cat.sids,
             "view_table": cat.view_codes,

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+# 2: the beam width is a graph input of recommender.onnx (1 had it fixed at export)
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -36,7 +37,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(
             f"{manifest_path}: format version {manifest.get('format_version')!r}, this loader "
-            f"reads {FORMAT_VERSION}"
+            f"reads {FORMAT_VERSION}; re-export the run with this version's `bbqrec export`"
         )
     for name, digest in manifest.get("files", {}).items():
         file = path / name

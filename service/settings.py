@@ -26,6 +26,14 @@ class Settings(BaseSettings):
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch: int = Field(default=64, ge=1, le=1024)
     intra_op_threads: int = Field(default=1, ge=1, le=64)
+    beam: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Beam width of the search (it keeps max(k, beam) prefixes); unset = the "
+        "bundle's, the width it was trained and evaluated with. Narrower is faster and may "
+        "rank worse: `bbqrec evaluate --bundle DIR --beam N` measures the trade-off.",
+    )
     history_length: int = Field(default=50, ge=1, le=1000, description="Events kept per user.")
     redis_timeout_s: float = Field(
         default=0.25,

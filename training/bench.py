@@ -48,12 +48,14 @@ def bench(
     batches: list[int],
     ks: list[int],
     repeats: int,
+    beam: int | None = None,
 ) -> list[Timing]:
+    """`beam`: the beam width for both runtimes (default: the run's)."""
     model, tables, ckpt = load_generative(run)
-    beam = int(ckpt["meta"]["beam"])
+    beam = int(ckpt["meta"]["beam"]) if beam is None else beam
     trie = Trie.from_sids(tables.sids, model.config.codebook_size).children
     histories = leave_one_out(dataset, model.config.max_items).valid.histories
-    sessions = {threads: Bundle(bundle_dir, intra_op_threads=threads) for threads in (1, 2)}
+    sessions = {t: Bundle(bundle_dir, intra_op_threads=t, beam=beam) for t in (1, 2)}
     results: list[Timing] = []
     for batch in batches:
         h = histories[:batch]

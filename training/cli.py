@@ -16,6 +16,7 @@ import numpy as np
 import typer
 
 from training.data import EMBEDDED_DATASET, Dataset, DatasetError, leave_one_out, load_dataset
+from training.evaluation import NDCG_KS, RECALL_KS
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -205,55 +206,75 @@ def evaluate(
     dataset: Annotated[
         Path | None, typer.Option(help="Dataset (default: the one the run was trained on).")
     ] = None,
+    k: Annotated[
+        int,
+        typer.Option(
+            "--k",
+            min=1,
+            max=100,
+            help="Length of the ranked list, as the service's k: metrics at the cutoffs up to k.",
+        ),
+    ] = max(RECALL_KS),
+    beam: Annotated[
+        int | None,
+        typer.Option(min=1, help="Beam width of a generative run or bundle (default: trained)."),
+    ] = None,
 ) -> None:
     """Full-ranking Recall/NDCG of a run's selected checkpoint (SASRec or generative) or of an
-    exported bundle."""
+    exported bundle. `--k 10 --beam 10` measures what the service returns for k = 10 with
+    BBQREC_BEAM=10 (the search keeps max(k, beam) prefixes)."""
+    from training.evaluation import Ranker
     from training.evaluation import evaluate as evaluate_ranker
-    from training.generative import evaluate_generative, load_generative
+    from training.generative import GenerativeRanker, load_generative
     from training.loop import BEST, load_checkpoint
-    from training.sasrec import evaluate_sasrec, load_sasrec
+    from training.sasrec import SASRecRanker, load_sasrec
 
     if split not in ("valid", "test"):
         raise _fail(f"--split must be 'valid' or 'test', got {split!r}")
     if (run is None) == (bundle is None):
         raise _fail("give exactly one of --run and --bundle")
+    ranker: Ranker
     if bundle is not None:
         from service.bundle import Bundle
         from service.manifest import BundleError
 
         try:
-            loaded = Bundle(bundle)
+            loaded = Bundle(bundle, beam=beam)
         except BundleError as e:
             raise _fail(str(e)) from e
         ds = _load(dataset or Path(loaded.manifest["dataset"]["path"]))
         if list(ds.item_ids) != loaded.catalogue.item_ids:
             raise _fail(f"{ds.root} is not the catalogue the bundle was exported with")
-        loo = leave_one_out(ds, loaded.max_history)
-        metrics = evaluate_ranker(loaded, loo.test if split == "test" else loo.valid)
-        typer.echo(json.dumps(metrics, indent=2))
-        return
-    assert run is not None
-    try:
-        meta = load_checkpoint(run / BEST)["meta"]
-    except (FileNotFoundError, ValueError) as e:
-        raise _fail(str(e)) from e
-    ds = _load(dataset or Path(meta["dataset"]))
-    if ds.num_items != meta["num_items"]:
-        raise _fail(
-            f"{ds.root} has {ds.num_items} items; the run was trained on {meta['num_items']}"
-        )
-    if meta["kind"] == "sasrec":
-        model, _ = load_sasrec(run)
-        loo = leave_one_out(ds, model.config.max_len)
-        metrics = evaluate_sasrec(model, loo.test if split == "test" else loo.valid)
-    elif meta["kind"] == "generative":
-        gen, tables, _ = load_generative(run)
-        loo = leave_one_out(ds, gen.config.max_items)
-        metrics = evaluate_generative(
-            gen, tables, loo.test if split == "test" else loo.valid, meta["beam"]
-        )
+        ranker, max_len = loaded, loaded.max_history
     else:
-        raise _fail(f"{run}: cannot evaluate a run of kind {meta['kind']!r}")
+        assert run is not None
+        try:
+            meta = load_checkpoint(run / BEST)["meta"]
+        except (FileNotFoundError, ValueError) as e:
+            raise _fail(str(e)) from e
+        ds = _load(dataset or Path(meta["dataset"]))
+        if ds.num_items != meta["num_items"]:
+            raise _fail(
+                f"{ds.root} has {ds.num_items} items; the run was trained on {meta['num_items']}"
+            )
+        if meta["kind"] == "sasrec":
+            if beam is not None:
+                raise _fail("--beam applies to generative runs and bundles, not SASRec")
+            model, _ = load_sasrec(run)
+            ranker, max_len = SASRecRanker(model), model.config.max_len
+        elif meta["kind"] == "generative":
+            gen, tables, _ = load_generative(run)
+            ranker = GenerativeRanker(gen, tables, beam or meta["beam"])
+            max_len = gen.config.max_items
+        else:
+            raise _fail(f"{run}: cannot evaluate a run of kind {meta['kind']!r}")
+    loo = leave_one_out(ds, max_len)
+    metrics = evaluate_ranker(
+        ranker,
+        loo.test if split == "test" else loo.valid,
+        recall_ks=sorted({c for c in RECALL_KS if c <= k} | {k}),
+        ndcg_ks=sorted({c for c in NDCG_KS if c <= k} | {k}),
+    )
     typer.echo(json.dumps(metrics, indent=2))
 
 
@@ -287,6 +308,9 @@ def bench_model(
     batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,64",
     ks: Annotated[str, typer.Option("--k", help="Comma-separated k values.")] = "10,100",
     repeats: Annotated[int, typer.Option(help="Timed calls per configuration.")] = 50,
+    beam: Annotated[
+        int | None, typer.Option(min=1, help="Beam width for both (default: the run's).")
+    ] = None,
 ) -> None:
     """p50/p99 latency of PyTorch eager vs ONNX Runtime CPU (1 and 2 threads), one run."""
     import tempfile
@@ -308,6 +332,7 @@ def bench_model(
             batches=[int(b) for b in batches.split(",")],
             ks=[int(k) for k in ks.split(",")],
             repeats=repeats,
+            beam=beam,
         )
     typer.echo(markdown(results))
 

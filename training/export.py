@@ -2,11 +2,11 @@
 
 Bundle directory (`bbqrec export --run RUN --out DIR`):
 
-- `recommender.onnx`: histories (B, M) item indices (-1 = padding), k, exclude (B, E) and the
-  catalogue tables (SID table, view-code table, trie tables) -> top-k items and scores. Encoder,
-  similarity reweighting, the unrolled decoder steps and the trie-constrained beam search are one
-  graph. The tables are graph inputs, not constants, so items added at serving time are
-  recommendable without re-exporting.
+- `recommender.onnx`: histories (B, M) item indices (-1 = padding), k, beam width, exclude
+  (B, E) and the catalogue tables (SID table, view-code table, trie tables) -> top-k items and
+  scores. Encoder, similarity reweighting, the unrolled decoder steps and the trie-constrained
+  beam search are one graph. The tables are graph inputs, not constants, so items added at
+  serving time are recommendable without re-exporting.
 - `quantizer.onnx`: modality features -> the L codes of a new item's content-only fused view.
 - `text_encoder.onnx` + `text_tokenizer.json` (only when the text modality is an input): the
   training text encoder (all-MiniLM-L6-v2, mean pooling, L2 norm), so a new item's raw text is
@@ -17,7 +17,7 @@ Bundle directory (`bbqrec export --run RUN --out DIR`):
   and outputs, sha256 of every file, training metrics, versions, git SHA, creation time.
 
 Exported with the TorchScript-based exporter (`dynamo=False`) and constant folding off, which
-keeps the runtime k and the tables as true graph inputs; see docs/METHOD.md.
+keeps the runtime k, the beam width and the tables as true graph inputs; see docs/METHOD.md.
 """
 
 from __future__ import annotations
@@ -49,21 +49,23 @@ RECOMMENDER = "recommender.onnx"
 QUANTIZER = "quantizer.onnx"
 TEXT_ENCODER_ONNX = "text_encoder.onnx"
 TEXT_TOKENIZER = "text_tokenizer.json"
-RECOMMENDER_INPUTS = ("histories", "k", "exclude", "sid_table", "view_table")
+RECOMMENDER_INPUTS = ("histories", "k", "beam", "exclude", "sid_table", "view_table")
 RECOMMENDER_OUTPUTS = ("items", "scores")
 
 
 class RecommenderGraph(nn.Module):
-    """What `recommender.onnx` computes: table look-ups, then the constrained beam search."""
+    """What `recommender.onnx` computes: table look-ups, then the constrained beam search with
+    a runtime k and beam width (it keeps max(k, beam) prefixes)."""
 
-    def __init__(self, model: GenerativeRecommender, beam: int) -> None:
+    def __init__(self, model: GenerativeRecommender) -> None:
         super().__init__()
-        self.model, self.beam = model, beam
+        self.model = model
 
     def forward(
         self,
         histories: Tensor,
         k: Tensor,
+        beam: Tensor,
         exclude: Tensor,
         sid_table: Tensor,
         view_table: Tensor,
@@ -79,7 +81,7 @@ class RecommenderGraph(nn.Module):
             codes,
             children,
             k=k,
-            beam=self.beam,
+            beam=beam,
             exclude=exclude,
             num_items=sid_table.shape[0],
         )
@@ -214,11 +216,12 @@ def export_bundle(run: Path, out: Path, dataset: Dataset) -> dict[str, Any]:
     depth = len(trie.children)
 
     # recommender.onnx, traced on a small batch with every axis that varies marked dynamic
-    graph = RecommenderGraph(model, int(meta["beam"])).eval()
+    graph = RecommenderGraph(model).eval()
     histories = torch.from_numpy(np.array([[-1] * (c.max_items - 2) + [0, 1]] * 2))
     example = (
         histories,
         torch.tensor(10),
+        torch.tensor(int(meta["beam"])),
         histories.clone(),
         torch.from_numpy(tables.sids),
         torch.from_numpy(tables.view_codes),
@@ -295,6 +298,7 @@ def export_bundle(run: Path, out: Path, dataset: Dataset) -> dict[str, Any]:
             "inputs": {
                 "histories": ["batch", "history"],
                 "k": [],
+                "beam": [],
                 "exclude": ["batch", "excluded"],
                 "sid_table": ["items", c.sid_levels],
                 "view_table": ["items", tables.view_codes.shape[1], tables.view_codes.shape[2]],

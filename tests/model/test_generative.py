@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from model.generative import (
@@ -187,11 +186,14 @@ def test_beam_returns_valid_distinct_sorted_items_and_excludes_seen() -> None:
     assert (result.items[1] >= 0).sum() == 4  # 5 seen, 5 left: still k results
 
 
-def test_beam_smaller_than_k_is_refused() -> None:
+def test_a_beam_narrower_than_k_keeps_k_prefixes() -> None:
     model = GenerativeRecommender(config()).eval()
     sids, codes = histories()
-    with pytest.raises(ValueError, match="beam"):
-        beam_search(model, sids, codes, Trie.from_sids(SIDS, K).children, k=5, beam=3)
+    trie = Trie.from_sids(SIDS, K).children
+    narrow = beam_search(model, sids, codes, trie, k=5, beam=3)
+    at_k = beam_search(model, sids, codes, trie, k=5, beam=torch.tensor(5))
+    assert torch.equal(narrow.items, at_k.items)
+    assert torch.equal(narrow.scores, at_k.scores)
 
 
 def test_all_padding_history_is_finite() -> None:

@@ -12,10 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.bundle import Bundle
 from service.settings import Settings
 from tests.service.conftest import REDIS_URL
 from tests.service.redis_procs import servers_in
-from training.data import load_dataset
+from training.data import left_pad, load_dataset
 
 MODALITIES = ("clip_vitb32_image", "clip_vitb32_text")
 
@@ -67,6 +68,25 @@ def test_explicit_history_is_used_as_given(client: TestClient) -> None:
     b = client.post("/recommend", json={"user_id": "other", "history": [ids[5], ids[6]]}).json()
     assert a["items"] == b["items"]
     assert not a["cold_start"]
+
+
+def test_the_beam_width_is_a_setting(bundle_dir: Path, clean_redis: None) -> None:
+    """BBQREC_BEAM reaches the search: the service answers what a bundle opened with that
+    width returns (k = 3 with a beam of 1 keeps 3 prefixes, narrower than the bundle's 20)."""
+    ids = item_ids()
+    history = [ids[5], ids[6], ids[9]]
+    rows = left_pad([np.array([5, 6, 9])], 20)
+    body = {"user_id": "u", "history": history, "k": 3}
+    for beam, want in ((1, 1), (None, 20)):
+        extra = {} if beam is None else {"beam": beam}
+        with make_client(bundle_dir, **extra) as c:
+            assert c.get("/model").json()["beam"] == want
+            got = [it["item_id"] for it in c.post("/recommend", json=body).json()["items"]]
+        bundle = Bundle(bundle_dir, beam=beam)
+        items = bundle.recommend(rows, 3, rows)[0][0]
+        assert got == [bundle.catalogue.item_ids[i] for i in items]
+    with pytest.raises(ValueError, match="beam"):
+        Settings(bundle_path=bundle_dir, beam=0)
 
 
 def test_cold_start_answers_by_popularity_and_is_counted(client: TestClient) -> None:

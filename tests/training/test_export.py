@@ -76,20 +76,67 @@ def test_onnx_runtime_equals_pytorch_beam_search(
         assert not set(row.tolist()) & set(ex[ex >= 0].tolist())
 
 
-def test_bundle_evaluation_equals_pytorch_evaluation(exported: tuple[Path, Path]) -> None:
+def test_the_beam_width_is_a_runtime_input(exported: tuple[Path, Path]) -> None:
+    """A bundle opened with another beam width searches with it, as PyTorch does, without
+    re-export."""
     run, bundle_dir = exported
-    by_run = runner.invoke(app, ["evaluate", "--run", str(run), "--split", "valid"])
-    by_bundle = runner.invoke(app, ["evaluate", "--bundle", str(bundle_dir), "--split", "valid"])
+    model, tables, ckpt = load_generative(run)
+    assert ckpt["meta"]["beam"] == 20
+    rng = np.random.default_rng(5)
+    h = histories(64, model.config.max_items, rng, len(tables.sids))
+    sids, codes = tables.gather(h)
+    trie = Trie.from_sids(tables.sids, model.config.codebook_size).children
+    for beam in (1, 5, 20):
+        ref = beam_search(
+            model, torch.from_numpy(sids), torch.from_numpy(codes), trie, k=5, beam=beam
+        )
+        items, scores = Bundle(bundle_dir, beam=beam).recommend(h, 5)
+        assert np.abs(scores - ref.scores.numpy()).max() < 1e-4
+        assert_same_ranking(items, scores, ref.items.numpy())
+    with pytest.raises(ValueError, match="beam must be >= 1"):
+        Bundle(bundle_dir, beam=0)
+
+
+def test_a_beam_of_one_is_greedy(exported: tuple[Path, Path]) -> None:
+    """Exclude every item under the greedy path's last prefix: a beam of 1 has nothing left to
+    return, a beam of 20 still finds an item elsewhere, so an ignored beam input would fail."""
+    _, bundle_dir = exported
+    greedy, wide = Bundle(bundle_dir, beam=1), Bundle(bundle_dir)
+    h = left_pad([np.array([3, 17, 42])], greedy.max_history)
+    first = int(greedy.recommend(h, 1)[0][0, 0])
+    sids = greedy.catalogue.sids
+    siblings = np.flatnonzero((sids[:, :-1] == sids[first, :-1]).all(axis=1))
+    exclude = siblings[None, :]
+    assert greedy.recommend(h, 1, exclude)[0].tolist() == [[-1]]
+    found = int(wide.recommend(h, 1, exclude)[0][0, 0])
+    assert found >= 0
+    assert found not in siblings
+
+
+@pytest.mark.parametrize("served", [[], ["--k", "10", "--beam", "5"]])
+def test_bundle_evaluation_equals_pytorch_evaluation(
+    exported: tuple[Path, Path], served: list[str]
+) -> None:
+    """Also as served with k = 10 and a narrower beam (the search keeps max(k, beam) = 10)."""
+    run, bundle_dir = exported
+    by_run = runner.invoke(app, ["evaluate", "--run", str(run), "--split", "valid", *served])
+    by_bundle = runner.invoke(
+        app, ["evaluate", "--bundle", str(bundle_dir), "--split", "valid", *served]
+    )
     assert by_run.exit_code == 0, by_run.output
     assert by_bundle.exit_code == 0, by_bundle.output
     a, b = json.loads(by_run.output), json.loads(by_bundle.output)
     assert max(abs(a[key] - b[key]) for key in a) < 1e-6
+    cutoffs = ["recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10"]
+    assert set(a) == {*cutoffs, "users"} | ({"recall@20", "ndcg@20"} if not served else set())
 
 
 def test_manifest_describes_the_bundle(exported: tuple[Path, Path]) -> None:
     _, bundle_dir = exported
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
+    assert manifest["beam"] == 20
+    assert manifest["recommender"]["inputs"]["beam"] == []
     assert manifest["sid_depth"] == 3
     assert manifest["codebook_size"] == 64
     assert manifest["versions"]["onnx_opset"] >= 18
