@@ -57,6 +57,7 @@ MODEL_VERSION_HEADER = "X-Model-Version"
 DEGRADED_HEADER = "X-BBQRec-Degraded"  # set when an answer was made without Redis
 RETRY_AFTER_S = 1
 RESTORE_TIMEOUT_S = 30.0  # Redis budget for reading the items added at serving time, at start-up
+MAX_MISSING_ITEMS = 100_000  # bound on the ids remembered as found nowhere between two syncs
 
 
 # -- API models ----------------------------------------------------------------------------------
@@ -173,6 +174,9 @@ class Services:
     provider: str  # resolved: cpu | cuda
     warmed_up: bool = False
     items_cursor: int = 0  # entries of the shared added-items log taken into the bundle
+    # Ids of stored histories found nowhere (e.g. dropped by a new bundle) since the last item
+    # sync: not looked up again until the sync, which takes in any of them added meanwhile.
+    missing_items: set[str] = field(default_factory=set)
     items_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -381,6 +385,7 @@ async def sync_items(svc: Services) -> int:
     async with svc.items_lock:
         added = merge_items(svc.bundle, records)
         svc.items_cursor = max(svc.items_cursor, cursor)
+        svc.missing_items.clear()
     svc.metrics.items_synced.inc(added)
     return added
 
@@ -521,7 +526,10 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             finally:
                 svc.metrics.redis.labels("read").observe(time.perf_counter() - start)
             with contextlib.suppress(RedisError, OSError):  # items added on another replica
-                await resolve_items(svc, bundle, stored)
+                lookup = [i for i in stored if i not in svc.missing_items]
+                missing = await resolve_items(svc, bundle, lookup)
+                if len(svc.missing_items) + len(missing) <= MAX_MISSING_ITEMS:
+                    svc.missing_items.update(missing)
             history = [i for i in stored if i in bundle.catalogue.index]
             if len(history) < len(stored):
                 svc.metrics.unknown_items.labels("store").inc(len(stored) - len(history))

@@ -9,11 +9,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.bundle import Bundle
 from service.settings import Settings
+from service.store import history_key
 from tests.service.conftest import REDIS_URL
 from tests.service.redis_procs import servers_in
 from training.data import left_pad, load_dataset
@@ -173,6 +175,27 @@ def test_new_item_is_recommendable_at_once_and_survives_a_restart(
         assert again.status_code == 200
         assert again.json()["semantic_id"] == added["semantic_id"]
         assert c.get("/items/UNKNOWN").status_code == 404
+
+
+def test_stale_stored_ids_are_looked_up_once_per_sync(
+    bundle_dir: Path, clean_redis: redis.Redis
+) -> None:
+    """A stored id found nowhere (an item a new bundle dropped) costs one Redis lookup until
+    the next item sync, not one per request."""
+    ids = item_ids()
+
+    def lookups() -> int:
+        return int(clean_redis.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
+
+    with make_client(bundle_dir, items_sync_s=3600) as c:
+        clean_redis.lpush(history_key("u"), ids[3], "GONE", ids[17])
+        before = lookups()
+        for _ in range(3):
+            r = c.post("/recommend", json={"user_id": "u"})
+            assert r.status_code == 200
+            assert r.json()["history_length"] == 2
+        assert lookups() - before == 1
+        assert 'bbqrec_unknown_items_total{source="store"} 3.0' in c.get("/metrics").text
 
 
 def test_replicas_share_the_items_added_at_serving_time(
