@@ -221,7 +221,7 @@ def test_bench_measures_every_configuration(exported: tuple[Path, Path]) -> None
     from training.bench import bench, markdown
 
     run, bundle_dir = exported
-    results = bench(run, bundle_dir, load_dataset(), batches=[1, 2], ks=[1, 5], repeats=2)
+    results = bench(run, bundle_dir, load_dataset(), batches=[1, 2], ks=[1, 5], repeats=2, beam=3)
     assert {(r.batch, r.k, r.threads) for r in results} == {
         (b, k, t) for b in (1, 2) for k in (1, 5) for t in (1, 2)
     }
