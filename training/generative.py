@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from model.generative import GenerativeRecommender, GenRecConfig, Trie, beam_search
-from training.data import Dataset, EvalSplit, leave_one_out, training_prefixes
+from training.data import Dataset, leave_one_out, training_prefixes
 from training.distributed import SINGLE, Distributed, Shard, global_batches
 from training.evaluation import evaluate
 from training.loop import BEST, FitResult, TrainConfig, fit, load_checkpoint, resolve_device
@@ -194,9 +194,3 @@ def load_generative(
     model.load_state_dict(ckpt["state_dict"])
     tables = CatalogueTables(**ckpt["meta"]["tables"])
     return model.to(device).eval(), tables, ckpt
-
-
-def evaluate_generative(
-    model: GenerativeRecommender, tables: CatalogueTables, split: EvalSplit, beam: int
-) -> dict[str, float]:
-    return evaluate(GenerativeRanker(model, tables, beam), split)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from model.sasrec import SASRec, SASRecConfig
-from training.data import Dataset, EvalSplit, leave_one_out, training_windows
+from training.data import Dataset, leave_one_out, training_windows
 from training.distributed import SINGLE, Distributed, global_batches
 from training.evaluation import evaluate
 from training.loop import BEST, FitResult, TrainConfig, fit, load_checkpoint, resolve_device
@@ -109,10 +109,6 @@ def load_sasrec(run_dir: Path, device: str = "cpu") -> tuple[SASRec, dict[str, A
     model = SASRec(SASRecConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), ckpt
-
-
-def evaluate_sasrec(model: SASRec, split: EvalSplit) -> dict[str, float]:
-    return evaluate(SASRecRanker(model), split)
 
 
 def item_embeddings(model: SASRec) -> np.ndarray:
