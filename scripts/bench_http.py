@@ -1,6 +1,6 @@
 """HTTP benchmark of the service with wrk on loopback (issue 6 figures in docs/BENCHMARKS.md).
 
-    python scripts/bench_http.py --bundle runs/bundles/beauty-bench [--duration 15]
+    python scripts/bench_http.py --bundle runs/bundles/beauty-bench [--duration 15] [--beam N]
 
 Starts `bbqrec serve` on the bundle (`--workers` processes, default 1; Redis database 13 of the
 local server, flushed), stores real histories (the last 20 training items of the dataset's first
@@ -144,6 +144,10 @@ def main() -> None:
     parser.add_argument("--connections", default="1,8,64")
     parser.add_argument("--users", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=1, help="bbqrec serve --workers")
+    parser.add_argument("--beam", type=int, help="BBQREC_BEAM (default: the bundle's)")
+    parser.add_argument(
+        "--skip", default="", help="Comma-separated routes not to measure: healthz, events"
+    )
     parser.add_argument("--out", type=Path, help="Also write the runs as JSON here.")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -152,9 +156,12 @@ def main() -> None:
     redis.Redis.from_url(args.redis_url).flushdb()
     serve = ["serve", "--bundle", str(args.bundle), "--port", str(args.port)]
     serve += ["--workers", str(args.workers)]
+    server_env = {**os.environ} | ({"BBQREC_BEAM": str(args.beam)} if args.beam else {})
     server = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", *serve, "--redis-url", args.redis_url]
+        [sys.executable, "-m", "training.cli", *serve, "--redis-url", args.redis_url],
+        env=server_env,
     )
+    skip = set(filter(None, args.skip.split(",")))
     try:
         wait_ready(base)
         users = seed_histories(base, args.bundle, args.users)
@@ -164,9 +171,8 @@ def main() -> None:
         conns = [int(c) for c in args.connections.split(",")]
         # warm-up: first requests pay for lazy initialisation
         wrk(base, "recommend", 8, 3, env)
-        runs = [
-            measure(base, m, c, args.duration, env) for m in ("healthz", "recommend") for c in conns
-        ]
+        closed = [m for m in ("healthz", "recommend") if m not in skip]
+        runs = [measure(base, m, c, args.duration, env) for m in closed for c in conns]
         best = max(r.rps for r in runs if r.route == "POST /recommend")
         half, c = best / 2, 8
         # pace 8 connections to half of the best RPS: each waits `delay` between requests;
@@ -178,7 +184,8 @@ def main() -> None:
             latency_ms = c * 1000 / rps - delay
             delay = max(c * 1000 / half - latency_ms, 0.0)
         runs.append(measure(base, "recommend", c, args.duration, env, delay_ms=delay))
-        runs += [measure(base, "events", c, args.duration, env) for c in conns]
+        if "events" not in skip:
+            runs += [measure(base, "events", c, args.duration, env) for c in conns]
         rss_mib = rss_bytes(server.pid, children=True) / 2**20
     finally:
         server.terminate()
