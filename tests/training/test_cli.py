@@ -63,6 +63,16 @@ def test_train_then_evaluate_reproduces_the_recorded_test_metrics(
     result = runner.invoke(app, ["evaluate", "--run", str(out), "--split", "test"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == recorded["test"]
+    # the list as served with k = 5: the same ranking, cut at 5
+    result = runner.invoke(app, ["evaluate", "--run", str(out), "--split", "test", "--k", "5"])
+    assert result.exit_code == 0, result.output
+    cut = json.loads(result.output)
+    assert cut == {
+        key: recorded["test"][key] for key in ("recall@1", "recall@5", "ndcg@5", "users")
+    }
+    result = runner.invoke(app, ["evaluate", "--run", str(out), "--beam", "5"])
+    assert result.exit_code != 0
+    assert "not SASRec" in result.output
 
 
 def test_unknown_config_field_is_refused(dataset_dir: Path, tmp_path: Path) -> None:
