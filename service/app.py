@@ -10,7 +10,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Set
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,11 +402,15 @@ async def keep_items_in_sync(svc: Services) -> None:
             log.exception("item sync failed")
 
 
-async def resolve_items(svc: Services, bundle: Bundle, item_ids: list[str]) -> list[str]:
+async def resolve_items(
+    svc: Services, bundle: Bundle, item_ids: list[str], *, skip: Set[str] = frozenset()
+) -> list[str]:
     """Those of `item_ids` unknown to `bundle`, after looking them up among the items other
-    replicas added (found ones join the catalogue at once, without waiting for the sync).
-    Raises StoreUnavailableError when Redis cannot answer."""
-    unknown = sorted({i for i in item_ids if i not in bundle.catalogue.index})
+    replicas added (found ones join the catalogue at once, without waiting for the sync); ids
+    in `skip` are not looked up (nor returned). Raises StoreUnavailableError when Redis cannot
+    answer."""
+    index = bundle.catalogue.index
+    unknown = sorted({i for i in item_ids if i not in index and i not in skip})
     if not unknown:
         return []
     found = await svc.store.items_by_id(unknown)
@@ -526,8 +530,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             finally:
                 svc.metrics.redis.labels("read").observe(time.perf_counter() - start)
             with contextlib.suppress(RedisError, OSError):  # items added on another replica
-                lookup = [i for i in stored if i not in svc.missing_items]
-                missing = await resolve_items(svc, bundle, lookup)
+                missing = await resolve_items(svc, bundle, stored, skip=svc.missing_items)
                 if len(svc.missing_items) + len(missing) <= MAX_MISSING_ITEMS:
                     svc.missing_items.update(missing)
             history = [i for i in stored if i in bundle.catalogue.index]

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
         le=1000,
         description="Beam width of the search (it keeps max(k, beam) prefixes); unset = the "
         "bundle's, the width it was trained and evaluated with. Narrower is faster and may "
-        "rank worse: `bbqrec evaluate --bundle DIR --beam N` measures the trade-off.",
+        "rank worse: `bbqrec evaluate --bundle DIR --k 10 --beam N` measures the trade-off.",
     )
     history_length: int = Field(default=50, ge=1, le=1000, description="Events kept per user.")
     redis_timeout_s: float = Field(

@@ -65,9 +65,7 @@ def bench(
             for threads, bundle in sessions.items():
                 torch.set_num_threads(threads)
 
-                eager = partial(
-                    beam_search, model, s_t, c_t, trie, k=k, beam=max(beam, k), exclude=e_t
-                )
+                eager = partial(beam_search, model, s_t, c_t, trie, k=k, beam=beam, exclude=e_t)
                 ort = partial(bundle.recommend, h, k, h)
                 results.append(
                     Timing(batch, k, threads, measure(eager, repeats), measure(ort, repeats))

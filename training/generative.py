@@ -74,7 +74,7 @@ class GenerativeRanker:
             torch.from_numpy(codes).to(device),
             self.trie.children,
             k=k,
-            beam=max(self.beam, k),
+            beam=self.beam,  # the search keeps max(beam, k)
         )
         return result.items.cpu().numpy()
 
