@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.bundle import Bundle
+from service.bundle import Bundle, item_source
 from service.inference import (
     PROVIDERS,
     MicroBatcher,
@@ -339,27 +339,62 @@ def restore_budget(settings: Settings) -> float:
     return max(settings.redis_timeout_s, RESTORE_TIMEOUT_S)
 
 
-def merge_items(bundle: Bundle, records: dict[str, dict[str, Any]]) -> int:
-    """Take items added at serving time (records from the store, by any replica) into the
-    bundle's catalogue, in the order they were added; returns how many were new to it. Callers
-    hold the items lock (one writer per catalogue)."""
+async def adopt_items(
+    store: HistoryStore, metrics: Metrics, bundle: Bundle, records: dict[str, dict[str, Any]]
+) -> int:
+    """Take items added at serving time (records from the store, by any replica, with their
+    codes in this bundle's SID space) into the bundle's catalogue, in the order they were
+    added; returns how many joined it. An item added under a bundle of another tokenizer has no
+    codes in this space yet: it is quantized again from what it was added from and claims a
+    SID here (once, across replicas); one this bundle cannot quantize stays out, counted.
+    Callers hold the items lock (one writer per catalogue), or own the bundle alone."""
     new = sorted(
-        ((i, r) for i, r in records.items() if i not in bundle.catalogue.index),
+        (
+            (i, r)
+            for i, r in records.items()
+            if i not in bundle.catalogue.index and i not in bundle.unplaced
+        ),
         key=lambda item: int(item[1]["seq"]),
     )
-    if new:
-        bundle.catalogue = bundle.catalogue.with_items(
-            [(i, np.asarray(r["sid"]), np.asarray(r["view_codes"])) for i, r in new]
+    codes = {i: r["codes"] for i, r in new if r["codes"] is not None}
+    if homeless := [(i, r) for i, r in new if r["codes"] is None]:
+        quantized = await asyncio.to_thread(
+            bundle.quantize_sources, [r.get("source", {}) for _, r in homeless]
         )
-    return len(new)
+        for (item_id, _), q in zip(homeless, quantized, strict=True):
+            try:
+                if q is None:
+                    raise ValueError("cannot quantize what it was added from")
+                prefix, view_codes = q
+                codes[item_id] = await store.claim_sid(
+                    item_id,
+                    bundle.sid_space,
+                    prefix.tolist(),
+                    bundle.catalogue.taken_extras(prefix),
+                    bundle.catalogue.codebook_size,
+                    view_codes.tolist(),
+                )
+                metrics.items_requantized.inc()
+            except (ValueError, KeyError) as e:
+                bundle.unplaced.add(item_id)
+                metrics.items_unplaced.inc()
+                log.warning("item %r left out of %s: %s", item_id, bundle.version, e)
+    joined = [
+        (i, np.asarray(codes[i]["sid"]), np.asarray(codes[i]["view_codes"]))
+        for i, _ in new
+        if i in codes
+    ]
+    bundle.catalogue = bundle.catalogue.with_items(joined)
+    return len(joined)
 
 
 async def load_model(
-    path: Path, settings: Settings, provider: str, store: HistoryStore
+    path: Path, settings: Settings, provider: str, store: HistoryStore, metrics: Metrics
 ) -> tuple[Bundle, int, int]:
     """Load and verify a bundle (in a thread), re-add the items added at serving time (kept in
-    Redis), and warm it up. Returns the bundle, its exported catalogue size and the position in
-    the added-items log it has taken in (0 when Redis could not be read: the sync catches up)."""
+    Redis; quantized again when they were added under another tokenizer), and warm it up.
+    Returns the bundle, its exported catalogue size and the position in the added-items log it
+    has taken in (0 when Redis could not be read: the sync catches up)."""
     bundle = await asyncio.to_thread(
         Bundle,
         path,
@@ -370,9 +405,12 @@ async def load_model(
     base_items = len(bundle.catalogue.item_ids)
     cursor = 0
     try:
-        cursor, records = await store.items_since(0, timeout_s=restore_budget(settings))
-        merge_items(bundle, records)
+        cursor, records = await store.items_since(
+            0, bundle.sid_space, timeout_s=restore_budget(settings)
+        )
+        await adopt_items(store, metrics, bundle, records)
     except (RedisError, OSError) as e:
+        cursor = 0
         log.warning("could not restore items added at serving time: %s", e)
     await asyncio.to_thread(warm_up, bundle)
     return bundle, base_items, cursor
@@ -381,9 +419,12 @@ async def load_model(
 async def sync_items(svc: Services) -> int:
     """Take in the items other replicas added since the last sync; returns how many."""
     budget = restore_budget(svc.settings)
-    cursor, records = await svc.store.items_since(svc.items_cursor, timeout_s=budget)
     async with svc.items_lock:
-        added = merge_items(svc.bundle, records)
+        bundle = svc.bundle
+        cursor, records = await svc.store.items_since(
+            svc.items_cursor, bundle.sid_space, timeout_s=budget
+        )
+        added = await adopt_items(svc.store, svc.metrics, bundle, records)
         svc.items_cursor = max(svc.items_cursor, cursor)
         svc.missing_items.clear()
     svc.metrics.items_synced.inc(added)
@@ -407,19 +448,21 @@ async def resolve_items(
 ) -> list[str]:
     """Those of `item_ids` unknown to `bundle`, after looking them up among the items other
     replicas added (found ones join the catalogue at once, without waiting for the sync); ids
-    in `skip` are not looked up (nor returned). Raises StoreUnavailableError when Redis cannot
-    answer."""
+    in `skip` are not looked up (nor returned), nor are the ones the bundle could not take in
+    (returned). Raises StoreUnavailableError when Redis cannot answer."""
     index = bundle.catalogue.index
     unknown = sorted({i for i in item_ids if i not in index and i not in skip})
-    if not unknown:
-        return []
-    found = await svc.store.items_by_id(unknown)
-    if found:
-        async with svc.items_lock:
-            added = merge_items(bundle, found)
-            if svc.bundle is not bundle:  # swapped meanwhile: the new bundle needs them too
-                merge_items(svc.bundle, found)
-        svc.metrics.items_synced.inc(added)
+    if lookup := [i for i in unknown if i not in bundle.unplaced]:
+        found = await svc.store.items_by_id(lookup, bundle.sid_space)
+        if found:
+            async with svc.items_lock:
+                added = await adopt_items(svc.store, svc.metrics, bundle, found)
+                current = svc.bundle
+                if current is not bundle:  # swapped meanwhile: the new bundle needs them too
+                    if current.sid_space != bundle.sid_space:
+                        found = await svc.store.items_by_id(list(found), current.sid_space)
+                    await adopt_items(svc.store, svc.metrics, current, found)
+            svc.metrics.items_synced.inc(added)
     return [i for i in unknown if i not in bundle.catalogue.index]
 
 
@@ -438,7 +481,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             cluster=settings.redis_cluster,
         )
         bundle, base_items, cursor = await load_model(
-            settings.bundle_path, settings, provider, store
+            settings.bundle_path, settings, provider, store, metrics
         )
         batcher = MicroBatcher(max_batch=settings.max_batch, observe=metrics.observe_batch)
         batcher.start()
@@ -640,6 +683,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             features = {m: np.asarray(v, dtype=np.float32) for m, v in body.features.items()}
         if overflow := sorted(m for m, x in features.items() if not np.isfinite(x).all()):
             raise error(422, "feature values out of float32 range", modalities=overflow)
+        source = item_source(body.text, features)  # kept, for bundles of other tokenizers
         if body.text is not None:
             if bundle.text is None:
                 raise error(422, "this bundle has no text encoder; send features instead")
@@ -652,6 +696,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             # under the codes' prefix, used neither by this bundle nor by any added item.
             record = await svc.store.add_item(
                 body.item_id,
+                bundle.sid_space,
+                source,
                 codes[0].tolist(),
                 catalogue.taken_extras(codes[0]),
                 catalogue.codebook_size,
@@ -664,12 +710,12 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             raise unavailable("history store unavailable; the item was not added") from e
         except ValueError as e:
             raise error(422, str(e)) from e
-        merge_items(bundle, {body.item_id: record})
+        await adopt_items(svc.store, svc.metrics, bundle, {body.item_id: record})
         svc.metrics.items_added.inc()
         return ItemResponse(
             item_id=body.item_id,
             index=bundle.catalogue.index[body.item_id],
-            semantic_id=list(record["sid"]),
+            semantic_id=list(record["codes"]["sid"]),
             added_at_serving_time=True,
         )
 
@@ -772,7 +818,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         async with svc.reload_lock:
             try:
                 bundle, base_items, cursor = await load_model(
-                    path, settings, svc.provider, svc.store
+                    path, settings, svc.provider, svc.store, metrics
                 )
             # Whatever stops the new bundle from loading (a failed check, a missing file, a file
             # ONNX Runtime cannot read: its errors share no base class) refuses it; the old
@@ -780,7 +826,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             except Exception as e:
                 log.warning("reload refused: %s", e)
                 raise error(422, f"bundle refused, still serving the old one: {e}") from e
-            # Under the items lock: an item added while the new bundle loaded is not lost.
+            # Under the items lock: an item added while the new bundle loaded is not lost. Its
+            # SID carries over under the same tokenizer; under another one the next sync
+            # quantizes it again (it is in the log past the new bundle's cursor).
             async with svc.items_lock:
                 old = svc.bundle.catalogue
                 carried = [
@@ -788,6 +836,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
                     for item_id in old.item_ids[svc.model.base_items :]
                     if item_id not in bundle.catalogue.index
                 ]
+                if svc.bundle.sid_space != bundle.sid_space:
+                    carried = []
                 bundle.catalogue = bundle.catalogue.with_items(carried)
                 previous = svc.model.swap(bundle, base_items=base_items)
                 svc.items_cursor = cursor

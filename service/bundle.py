@@ -6,6 +6,7 @@ refuses a missing, incomplete, corrupt or mismatched bundle with a message that 
 
 from __future__ import annotations
 
+import base64
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from model.trie import next_free_extra, taken_extras, trie_tables
-from service.manifest import BundleError, read_manifest
+from service.manifest import BundleError, read_manifest, sid_space
 
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
@@ -77,6 +78,28 @@ class Catalogue:
 
 
 TABLES = ("sids.npy", "view_codes.npy", "popularity.npy")
+TEXT_BATCH = 64  # texts per text-encoder call when items are quantized again
+
+
+def item_source(text: str | None, vectors: dict[str, np.ndarray]) -> dict[str, Any]:
+    """What an item was added from, as stored (JSON): its raw text and its vectors (float32,
+    exact, base64), so that a bundle of another tokenizer can quantize it again."""
+    source: dict[str, Any] = {
+        "vectors": {
+            m: base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
+            for m, v in vectors.items()
+        }
+    }
+    if text is not None:
+        source["text"] = text
+    return source
+
+
+def source_vectors(source: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {
+        m: np.frombuffer(base64.b64decode(v), dtype="<f4").astype(np.float32)
+        for m, v in source.get("vectors", {}).items()
+    }
 
 
 def check_export(
@@ -150,6 +173,10 @@ class Bundle:
         self.path = path
         self.manifest = read_manifest(path)
         m = self.manifest
+        self.sid_space = sid_space(m)  # what its SIDs mean: one per tokenizer
+        # Items added under another tokenizer that this bundle cannot quantize (not looked up
+        # again while it serves).
+        self.unplaced: set[str] = set()
         self.beam = int(m["beam"]) if beam is None else beam
         if self.beam < 1:
             raise ValueError(f"beam must be >= 1, got {self.beam}")
@@ -226,3 +253,33 @@ class Bundle:
             feed[mod["input"]] = x
         codes, view_codes = self.quantizer.run(None, feed)
         return np.asarray(codes, dtype=np.int64), np.asarray(view_codes, dtype=np.int64)
+
+    def quantize_sources(
+        self, sources: Sequence[dict[str, Any]]
+    ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Codes (the SID prefix, and the view codes) of items known by what they were added
+        from (`item_source`), e.g. under a bundle of another tokenizer; None for an item this
+        bundle cannot quantize (a modality it needs is missing, or of another dimension, or
+        text without this bundle's text encoder). Texts are embedded again, in batches."""
+        texts = {i: str(s["text"]) for i, s in enumerate(sources) if "text" in s}
+        embedded: dict[int, np.ndarray] = {}
+        if self.text is not None:
+            order = list(texts)
+            for start in range(0, len(order), TEXT_BATCH):
+                chunk = order[start : start + TEXT_BATCH]
+                embedded.update(zip(chunk, self.text.embed([texts[i] for i in chunk]), strict=True))
+        out: list[tuple[np.ndarray, np.ndarray] | None] = []
+        for i, source in enumerate(sources):
+            features = source_vectors(source)
+            if i in texts:
+                if self.text is None:
+                    out.append(None)
+                    continue
+                features[self.text.modality] = embedded[i]
+            try:
+                codes, view_codes = self.quantize(features)
+            except ValueError:
+                out.append(None)
+                continue
+            out.append((codes[0], view_codes[0]))
+        return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,4 +49,22 @@ def read_manifest(path: Path) -> dict[str, Any]:
     for required in ("recommender.onnx", "quantizer.onnx", "sids.npy", "item_ids.txt"):
         if required not in manifest.get("files", {}):
             raise BundleError(f"{manifest_path}: incomplete bundle, {required} not listed")
+    if not re.fullmatch(r"[0-9a-f]{16,64}", sid_space(manifest)):
+        raise BundleError(f"{manifest_path}: sid_space must be 16 to 64 lowercase hex digits")
     return manifest
+
+
+def sid_space(manifest: dict[str, Any]) -> str:
+    """What a bundle's SIDs mean: one space per trained tokenizer (its codebooks and SID
+    table). Bundles of one tokenizer share it, so an item added under one keeps its SID under
+    the other; bundles of different tokenizers never do. Exports without the field: the hash of
+    their SID table and quantizer."""
+    if (space := manifest.get("sid_space")) is not None:
+        return str(space)
+    files = manifest["files"]
+    return space_of(files["sids.npy"], files[manifest["quantizer"]["file"]])
+
+
+def space_of(*digests: str) -> str:
+    """A SID space from the sha256 of the files that define it."""
+    return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]

@@ -93,6 +93,19 @@ class Metrics:
             "Items added at serving time on another replica, taken into this one's catalogue.",
             registry=registry,
         )
+        self.items_requantized = Counter(
+            "bbqrec_items_requantized_total",
+            "Items added under a bundle of another tokenizer, given a SID in this bundle's "
+            "codebooks from what they were added from (text, vectors).",
+            registry=registry,
+        )
+        self.items_unplaced = Counter(
+            "bbqrec_items_unplaced_total",
+            "Items added under a bundle of another tokenizer that this bundle cannot quantize "
+            "(a modality it needs is missing or of another dimension, or their SID prefix is "
+            "full); not recommendable under this bundle.",
+            registry=registry,
+        )
         self.model_info = Gauge(
             "bbqrec_model_info",
             "The served model (value 1).",

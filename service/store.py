@@ -11,7 +11,10 @@ users' events were committed.
 Items added at serving time are shared by every replica: `add_item` claims the item id and a
 free SID in one script (atomic across replicas, so two replicas never give one SID to two items)
 and appends the id to a log; each replica reads the log from its own cursor (`items_since`) to
-take in the items others added.
+take in the items others added. A SID only means something under the codebooks that made it (a
+bundle's `sid_space`, one per trained tokenizer), so SIDs are kept per space, and each item keeps
+what it was added from (its `source`: text, vectors): a bundle of another tokenizer quantizes it
+again and claims a SID in its own space (`claim_sid`, once across replicas).
 
 Every call runs under one time budget (retries included). Past it, or when Redis cannot be
 reached, the call raises `StoreUnavailableError` instead of waiting: the service answers
@@ -39,10 +42,20 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-ITEMS_KEY = "bbqrec:{items}"  # hash: item id -> JSON {sid, view_codes, seq}
-SIDS_KEY = "bbqrec:{items}:sids"  # hash: SID "c1,...,cD" -> item id (the claimed SIDs)
+ITEMS_KEY = "bbqrec:{items}"  # hash: item id -> JSON {seq, claim, source}
 ITEMS_LOG_KEY = "bbqrec:{items}:log"  # list: item ids in the order they were added (seq - 1)
 ITEMS_PAGE = 1000  # ids per HMGET when reading the log
+
+
+def codes_key(space: str) -> str:
+    """Hash: item id -> JSON {sid, view_codes}, the item's codes under one tokenizer."""
+    return f"bbqrec:{{items}}:codes:{space}"
+
+
+def sids_key(space: str) -> str:
+    """Hash: SID "c1,...,cD" -> item id, the SIDs claimed under one tokenizer."""
+    return f"bbqrec:{{items}}:sids:{space}"
+
 
 # KEYS: one history per user. ARGV: capacity, then per user: n, then n item ids (oldest first).
 APPEND_SCRIPT = """
@@ -56,32 +69,70 @@ end
 return #KEYS
 """
 
-# KEYS: items, sids, log. ARGV: item id, claim token, SID prefix "c1,...,c(D-1)", codebook
-# size, view codes as JSON, then the extra-level indices the bundle itself uses under that prefix.
-# Returns the stored record (JSON; an existing one when the item exists), or -2 when the prefix
-# is full. The token tells a client's own earlier attempt (a retry after a lost reply) from an
-# item someone else added.
-ADD_ITEM_SCRIPT = """
+# Claims the first extra-level index under a SID prefix that neither the bundle (`taken`, ARGV
+# from `first_taken` on) nor any added item uses in this space, and stores the item's codes.
+# Returns the codes (JSON), or false when the prefix is full.
+CLAIM_FUNCTION = """
+local function claim(codes_key, sids_key, item, prefix, size, view_codes, first_taken)
+  local taken = {}
+  for i = first_taken, #ARGV do taken[ARGV[i]] = true end
+  for e = 0, size - 1 do
+    local extra = tostring(e)
+    local sid = prefix .. ',' .. extra
+    if not taken[extra] and redis.call('HSETNX', sids_key, sid, item) == 1 then
+      local codes = '{"sid": [' .. sid .. '], "view_codes": ' .. view_codes .. '}'
+      redis.call('HSET', codes_key, item, codes)
+      return codes
+    end
+  end
+  return false
+end
+"""
+
+# KEYS: items, log, codes and sids of the bundle's space. ARGV: item id, claim token, source
+# (JSON), SID prefix "c1,...,c(D-1)", codebook size, view codes (JSON), then the extra-level
+# indices the bundle itself uses under that prefix. Returns [record, codes] (an existing record,
+# and its codes in this space or nil, when the item exists), or -2 when the prefix is full. The
+# token tells a client's own earlier attempt (a retry after a lost reply) from an item someone
+# else added.
+ADD_ITEM_SCRIPT = (
+    CLAIM_FUNCTION
+    + """
+local existing = redis.call('HGET', KEYS[1], ARGV[1])
+if existing then return {existing, redis.call('HGET', KEYS[3], ARGV[1])} end
+local codes = claim(KEYS[3], KEYS[4], ARGV[1], ARGV[4], tonumber(ARGV[5]), ARGV[6], 7)
+if not codes then return -2 end
+local seq = redis.call('RPUSH', KEYS[2], ARGV[1])
+local record = '{"seq": ' .. seq .. ', "claim": "' .. ARGV[2] .. '", "source": ' .. ARGV[3] .. '}'
+redis.call('HSET', KEYS[1], ARGV[1], record)
+return {record, codes}
+"""
+)
+
+# KEYS: codes and sids of one space, items. ARGV: item id, SID prefix, codebook size, view codes
+# (JSON), then the bundle's own extra-level indices under the prefix. Returns the item's codes
+# in this space (the existing ones when another replica claimed first), -1 when no such item
+# was added, or -2 when the prefix is full.
+CLAIM_SID_SCRIPT = (
+    CLAIM_FUNCTION
+    + """
 local existing = redis.call('HGET', KEYS[1], ARGV[1])
 if existing then return existing end
-local taken = {}
-for i = 6, #ARGV do taken[ARGV[i]] = true end
-for e = 0, tonumber(ARGV[4]) - 1 do
-  local extra = tostring(e)
-  local sid = ARGV[3] .. ',' .. extra
-  if not taken[extra] and redis.call('HSETNX', KEYS[2], sid, ARGV[1]) == 1 then
-    local seq = redis.call('RPUSH', KEYS[3], ARGV[1])
-    local record = '{"sid": [' .. sid .. '], "view_codes": ' .. ARGV[5] .. ', "seq": ' .. seq
-      .. ', "claim": "' .. ARGV[2] .. '"}'
-    redis.call('HSET', KEYS[1], ARGV[1], record)
-    return record
-  end
-end
-return -2
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then return -1 end
+local codes = claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], 5)
+if not codes then return -2 end
+return codes
 """
+)
 SHA1 = {
-    source: hashlib.sha1(source.encode()).hexdigest() for source in (APPEND_SCRIPT, ADD_ITEM_SCRIPT)
+    source: hashlib.sha1(source.encode()).hexdigest()
+    for source in (APPEND_SCRIPT, ADD_ITEM_SCRIPT, CLAIM_SID_SCRIPT)
 }
+
+
+def _record(raw: str | bytes, codes: str | bytes | None) -> dict[str, Any]:
+    """A stored item record with its codes in one space (None: none there yet)."""
+    return {**json.loads(raw), "codes": None if codes is None else json.loads(codes)}
 
 
 def history_key(user_id: str) -> str:
@@ -107,15 +158,28 @@ class HistoryStore(Protocol):
     async def add_item(
         self,
         item_id: str,
+        space: str,
+        source: dict[str, Any],
+        prefix: Sequence[int],
+        taken: Sequence[int],
+        codebook_size: int,
+        view_codes: list[list[int]],
+    ) -> dict[str, Any]: ...
+    async def claim_sid(
+        self,
+        item_id: str,
+        space: str,
         prefix: Sequence[int],
         taken: Sequence[int],
         codebook_size: int,
         view_codes: list[list[int]],
     ) -> dict[str, Any]: ...
     async def items_since(
-        self, cursor: int, *, timeout_s: float | None = None
+        self, cursor: int, space: str, *, timeout_s: float | None = None
     ) -> tuple[int, dict[str, dict[str, Any]]]: ...
-    async def items_by_id(self, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]: ...
+    async def items_by_id(
+        self, item_ids: Sequence[str], space: str
+    ) -> dict[str, dict[str, Any]]: ...
     async def ping(self) -> bool: ...
     async def close(self) -> None: ...
 
@@ -210,24 +274,29 @@ class RedisHistoryStore:
     async def add_item(
         self,
         item_id: str,
+        space: str,
+        source: dict[str, Any],
         prefix: Sequence[int],
         taken: Sequence[int],
         codebook_size: int,
         view_codes: list[list[int]],
     ) -> dict[str, Any]:
-        """Claim `item_id` and the first extra-level index under the SID `prefix` that neither
-        the bundle (`taken`) nor any replica's added item uses; returns the stored record
-        {sid, view_codes, seq, claim}. Raises ItemExistsError, or ValueError when the prefix is
-        full. Safe to retry: a client retries after a lost reply, and the claim token makes the
-        second run return the first one's record."""
+        """Claim `item_id` and, in the bundle's SID `space`, the first extra-level index under
+        the SID `prefix` that neither the bundle (`taken`) nor any replica's added item uses;
+        keep `source` (what the item was added from, for bundles of other tokenizers). Returns
+        the stored record {seq, claim, source, codes: {sid, view_codes}}. Raises
+        ItemExistsError, or ValueError when the prefix is full. Safe to retry: a client retries
+        after a lost reply, and the claim token makes the second run return the first one's
+        record."""
         claim = uuid.uuid4().hex
         async with self._budget("add_item"):
             stored = await self._script(
                 ADD_ITEM_SCRIPT,
-                [ITEMS_KEY, SIDS_KEY, ITEMS_LOG_KEY],
+                [ITEMS_KEY, ITEMS_LOG_KEY, codes_key(space), sids_key(space)],
                 [
                     item_id,
                     claim,
+                    json.dumps(source),
                     ",".join(str(int(c)) for c in prefix),
                     codebook_size,
                     json.dumps(view_codes),
@@ -236,33 +305,71 @@ class RedisHistoryStore:
             )
         if stored == -2:
             raise ValueError(f"SID prefix {list(prefix)} already holds {codebook_size} items")
-        record = dict(json.loads(stored))
+        raw, codes = stored
+        record = _record(raw, codes)
         if record.get("claim") != claim:
             raise ItemExistsError(f"item {item_id!r} already exists")
         return record
 
+    async def claim_sid(
+        self,
+        item_id: str,
+        space: str,
+        prefix: Sequence[int],
+        taken: Sequence[int],
+        codebook_size: int,
+        view_codes: list[list[int]],
+    ) -> dict[str, Any]:
+        """Give an added item a SID in another `space` (a bundle of another tokenizer quantized
+        it again): the first free extra-level index under `prefix`, as in `add_item`. Returns
+        its codes {sid, view_codes} there, the first claim's when several replicas race. Raises
+        KeyError for an item never added, ValueError when the prefix is full."""
+        async with self._budget("claim_sid"):
+            stored = await self._script(
+                CLAIM_SID_SCRIPT,
+                [codes_key(space), sids_key(space), ITEMS_KEY],
+                [
+                    item_id,
+                    ",".join(str(int(c)) for c in prefix),
+                    codebook_size,
+                    json.dumps(view_codes),
+                    *(int(e) for e in taken),
+                ],
+            )
+        if stored == -1:
+            raise KeyError(f"item {item_id!r} was never added")
+        if stored == -2:
+            raise ValueError(f"SID prefix {list(prefix)} already holds {codebook_size} items")
+        return dict(json.loads(stored))
+
     async def items_since(
-        self, cursor: int, *, timeout_s: float | None = None
+        self, cursor: int, space: str, *, timeout_s: float | None = None
     ) -> tuple[int, dict[str, dict[str, Any]]]:
-        """The items added after the first `cursor` ones, in the order they were added, and the
-        new cursor. `timeout_s` overrides the budget (a start-up restore may read many)."""
+        """The items added after the first `cursor` ones, in the order they were added, with
+        their codes in `space` (None where they have none there yet), and the new cursor.
+        `timeout_s` overrides the budget (a start-up restore may read many)."""
         records: dict[str, dict[str, Any]] = {}
         async with self._budget("items_since", timeout_s):
             ids = [str(i) for i in await self.client.lrange(ITEMS_LOG_KEY, cursor, -1)]
             for start in range(0, len(ids), ITEMS_PAGE):
-                page = ids[start : start + ITEMS_PAGE]
-                for item, raw in zip(page, await self.client.hmget(ITEMS_KEY, page), strict=True):
-                    if raw is not None:
-                        records[item] = json.loads(raw)
+                records.update(await self._records(ids[start : start + ITEMS_PAGE], space))
         return cursor + len(ids), records
 
-    async def items_by_id(self, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """The records of those of `item_ids` that were added at serving time."""
+    async def items_by_id(self, item_ids: Sequence[str], space: str) -> dict[str, dict[str, Any]]:
+        """The records of those of `item_ids` that were added at serving time, with their
+        codes in `space` (None where they have none there yet)."""
         if not item_ids:
             return {}
         async with self._budget("items_by_id"):
-            raw = await self.client.hmget(ITEMS_KEY, list(item_ids))
-        return {i: json.loads(r) for i, r in zip(item_ids, raw, strict=True) if r is not None}
+            return await self._records(list(item_ids), space)
+
+    async def _records(self, item_ids: list[str], space: str) -> dict[str, dict[str, Any]]:
+        raw = await self.client.hmget(ITEMS_KEY, item_ids)
+        found = [(i, r) for i, r in zip(item_ids, raw, strict=True) if r is not None]
+        if not found:  # e.g. stale ids of a stored history: one round trip
+            return {}
+        codes = await self.client.hmget(codes_key(space), [i for i, _ in found])
+        return {i: _record(r, c) for (i, r), c in zip(found, codes, strict=True)}
 
     async def ping(self) -> bool:
         """The server, or every primary of the cluster, answers within the budget."""

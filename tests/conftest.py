@@ -73,6 +73,20 @@ def exported(tiny_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return train_and_export(tmp_path_factory.mktemp("export"), tiny_tokenizer)
 
 
+@pytest.fixture(scope="session")
+def retokenized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """What a retraining ships: the tiny tokenizer's config trained again with another seed
+    (other codebooks, other SIDs), a run on it, and its bundle."""
+    root = tmp_path_factory.mktemp("retokenized")
+    tok = tokenize_tiny(
+        root,
+        "clip_vitb32_image,clip_vitb32_text",
+        {"code_dim": 8, "hidden": 32, "levels": 2, "codebook_size": 64},
+        *("--seed", "2"),  # (seed 1 collapses this 2-epoch toy onto one prefix)
+    )
+    return train_and_export(root, tok)
+
+
 # A small catalogue with real item texts: words shared within a group, so text features differ.
 TEXT_ITEMS = {
     f"{group}-{n}": f"{group} {kind} {n}"

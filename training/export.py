@@ -38,11 +38,11 @@ from torch import Tensor, nn
 
 from model.generative import GenerativeRecommender, Trie, beam_search
 from model.tokenizer import FUSED_VIEW, BBQTokenizer
-from service.manifest import FORMAT_VERSION, MANIFEST, sha256
+from service.manifest import FORMAT_VERSION, MANIFEST, sha256, space_of
 from training.data import Dataset, leave_one_out
 from training.features import TEXT_ENCODER, TEXT_MAX_TOKENS, TEXT_MODALITY, text_encoder_dir
 from training.generative import load_generative
-from training.tokenize import Tokenizer
+from training.tokenize import ARTIFACT, Tokenizer
 
 OPSET = 18
 RECOMMENDER = "recommender.onnx"
@@ -207,7 +207,8 @@ def export_bundle(run: Path, out: Path, dataset: Dataset) -> dict[str, Any]:
     """Write the bundle of generative run `run` (trained on `dataset`); return its manifest."""
     model, tables, ckpt = load_generative(run)
     meta = ckpt["meta"]
-    tokenizer = Tokenizer(Path(meta["tokenizer"]))
+    tokenizer_dir = Path(meta["tokenizer"])
+    tokenizer = Tokenizer(tokenizer_dir)
     if tokenizer.item_ids != list(dataset.item_ids):
         raise ValueError("the run's tokenizer does not match the dataset's catalogue")
     c = model.config
@@ -285,6 +286,8 @@ def export_bundle(run: Path, out: Path, dataset: Dataset) -> dict[str, Any]:
         "dataset": {"name": dataset.name, "path": str(dataset.root), "items": dataset.num_items},
         "model_config": ckpt["model_config"],
         "tokenizer_config": {**tokenizer.meta, "config": asdict(tokenizer.config)},
+        # bundles of one tokenizer share it: added items keep their SIDs across them
+        "sid_space": space_of(sha256(tokenizer_dir / ARTIFACT), sha256(tokenizer_dir / "sids.npy")),
         "sid_depth": c.sid_levels,
         "codebook_size": c.codebook_size,
         "vocab": c.vocab,

@@ -316,3 +316,79 @@ async def test_reload_needs_the_key_and_is_off_without_one(bundles: tuple[Path, 
         r = await client.post("/admin/reload", json=body)
         assert r.status_code == 403
         assert "no API key is configured" in r.json()["detail"]["reason"]
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("clean_redis")
+async def test_items_added_under_one_tokenizer_are_quantized_again_under_another(
+    exported: tuple[Path, Path], retokenized: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A retrained tokenizer means other codebooks: an added item's SID from the old one means
+    nothing there (and may be a new item's SID). The new bundle quantizes the item again from
+    the features it was added with and claims a free SID in its own codebooks, once for every
+    replica; the old bundle still finds the item's first SID."""
+    a = tmp_path / "a"
+    shutil.copytree(exported[1], a)
+    other = Bundle(retokenized[1])
+    assert other.sid_space != Bundle(a).sid_space
+    rng = np.random.default_rng(0)
+    features = {
+        m["name"]: rng.standard_normal(m["dim"]).tolist() for m in other.manifest["modalities"]
+    }
+    ids = (a / "item_ids.txt").read_text().split()
+    async with serving(a) as client:
+        r = await client.post(
+            "/items", json={"item_id": "NEW", "features": features}, headers=ADMIN
+        )
+        assert r.status_code == 201, r.text
+        sid_a = r.json()["semantic_id"]
+        reload = {"bundle_path": str(retokenized[1])}
+        r = await client.post("/admin/reload", json=reload, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        item = (await client.get("/items/NEW")).json()
+        sid = item["semantic_id"]
+        prefix, _ = other.quantize({m: np.asarray(v) for m, v in features.items()})
+        assert sid[:-1] == prefix[0].tolist()  # the new codebooks' codes, not the old SID
+        assert tuple(sid) not in {tuple(s) for s in other.catalogue.sids.tolist()}
+        assert item["index"] == len(other.catalogue.item_ids)
+        metrics = (await client.get("/metrics")).text
+        assert "bbqrec_items_requantized_total 1.0" in metrics
+        # recommendable under the new bundle, as a history item and as an answer
+        history = {"user_id": "u", "history": ["NEW", ids[0]], "k": 100}
+        assert (await client.post("/recommend", json=history)).status_code == 200
+        # another replica on the new bundle finds the same SID (claimed once)
+        async with serving(retokenized[1]) as replica:
+            assert (await replica.get("/items/NEW")).json()["semantic_id"] == sid
+            assert "bbqrec_items_requantized_total 0.0" in (await replica.get("/metrics")).text
+        # back on the first bundle: the first SID
+        r = await client.post("/admin/reload", json={"bundle_path": str(a)}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert (await client.get("/items/NEW")).json()["semantic_id"] == sid_a
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("clean_redis")
+async def test_an_item_the_new_bundle_cannot_quantize_is_left_out_and_counted(
+    exported: tuple[Path, Path], text_exported: tuple[Path, Path]
+) -> None:
+    async with serving(exported[1]) as client:
+        features = {
+            m["name"]: [0.1] * m["dim"] for m in (await client.get("/model")).json()["modalities"]
+        }
+        r = await client.post(
+            "/items", json={"item_id": "NEW", "features": features}, headers=ADMIN
+        )
+        assert r.status_code == 201, r.text
+        # a text-only bundle: the item was added with CLIP vectors, no text
+        reload = {"bundle_path": str(text_exported[1])}
+        r = await client.post("/admin/reload", json=reload, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert (await client.get("/items/NEW")).status_code == 404
+        # an unknown item to every route, not an error, and not quantized again each time
+        history = {"user_id": "u", "history": ["NEW"]}
+        r = await client.post("/recommend", json=history)
+        assert r.status_code == 422
+        assert r.json()["detail"]["unknown"] == ["NEW"]
+        event = {"events": [{"user_id": "u", "item_id": "NEW"}]}
+        assert (await client.post("/events", json=event, headers=ADMIN)).status_code == 422
+        assert "bbqrec_items_unplaced_total 1.0" in (await client.get("/metrics")).text

@@ -81,28 +81,58 @@ async def test_a_batch_over_many_users_keeps_each_users_order(store: RedisHistor
         assert await store.history(user) == [f"{user}/{n}" for n in range(3)]
 
 
+A, B = "a" * 16, "b" * 16  # two SID spaces (two tokenizers)
+SOURCE = {"text": "a beaker", "vectors": {}}
+
+
 async def test_added_items_claim_distinct_sids_and_are_logged(store: RedisHistoryStore) -> None:
     view = [[1, 2, 3]]
-    first = await store.add_item("NEW-1", [1, 2, 3], [0, 2], 5, view)
-    assert first["sid"] == [1, 2, 3, 1]  # 0 and 2: the bundle's
-    assert first["view_codes"] == view
+    first = await store.add_item("NEW-1", A, SOURCE, [1, 2, 3], [0, 2], 5, view)
+    assert first["codes"] == {"sid": [1, 2, 3, 1], "view_codes": view}  # 0 and 2: the bundle's
+    assert first["source"] == SOURCE
     assert first["seq"] == 1
-    second = await store.add_item("NEW-2", [1, 2, 3], [0, 2], 5, view)
-    assert second["sid"] == [1, 2, 3, 3]
+    second = await store.add_item("NEW-2", A, SOURCE, [1, 2, 3], [0, 2], 5, view)
+    assert second["codes"]["sid"] == [1, 2, 3, 3]
     assert second["seq"] == 2
-    assert (await store.add_item("NEW-3", [7, 7, 7], [], 5, view))["sid"] == [7, 7, 7, 0]
+    third = await store.add_item("NEW-3", A, SOURCE, [7, 7, 7], [], 5, view)
+    assert third["codes"]["sid"] == [7, 7, 7, 0]
     with pytest.raises(ItemExistsError):
-        await store.add_item("NEW-1", [9, 9, 9], [], 5, view)
-    await store.add_item("NEW-4", [1, 2, 3], [0, 2], 5, view)
+        await store.add_item("NEW-1", A, SOURCE, [9, 9, 9], [], 5, view)
+    await store.add_item("NEW-4", A, SOURCE, [1, 2, 3], [0, 2], 5, view)
     with pytest.raises(ValueError, match="already holds 5 items"):
-        await store.add_item("NEW-5", [1, 2, 3], [0, 2], 5, view)
-    cursor, records = await store.items_since(0)
+        await store.add_item("NEW-5", A, SOURCE, [1, 2, 3], [0, 2], 5, view)
+    cursor, records = await store.items_since(0, A)
     assert cursor == 4
     assert list(records) == ["NEW-1", "NEW-2", "NEW-3", "NEW-4"]
     assert records["NEW-2"] == second
-    assert await store.items_since(4) == (4, {})
-    assert list((await store.items_since(2))[1]) == ["NEW-3", "NEW-4"]
-    assert await store.items_by_id(["NEW-2", "unknown"]) == {"NEW-2": second}
+    assert await store.items_since(4, A) == (4, {})
+    assert list((await store.items_since(2, A))[1]) == ["NEW-3", "NEW-4"]
+    assert await store.items_by_id(["NEW-2", "unknown"], A) == {"NEW-2": second}
+
+
+async def test_sids_are_kept_per_space_and_claimed_once_in_each(store: RedisHistoryStore) -> None:
+    # Under another tokenizer (space B) the items have no codes until a replica claims them.
+    for n in range(2):
+        await store.add_item(f"NEW-{n}", A, SOURCE, [1, 2, 3], [], 5, [[1, 2, 3]])
+    _, records = await store.items_since(0, B)
+    assert [r["codes"] for r in records.values()] == [None, None]
+    assert records["NEW-0"]["source"] == SOURCE
+    # B's own items use extras 0 and 1 under the prefix; A's claims do not matter there.
+    claimed = await store.claim_sid("NEW-1", B, [1, 2, 3], [0, 1], 5, [[4]])
+    assert claimed == {"sid": [1, 2, 3, 2], "view_codes": [[4]]}
+    # Two replicas racing on one item: the first claim wins, the second gets the same codes.
+    again = await asyncio.gather(
+        *(store.claim_sid("NEW-0", B, [1, 2, 3], [0, 1], 5, [[4]]) for _ in range(2))
+    )
+    assert again[0] == again[1] == {"sid": [1, 2, 3, 3], "view_codes": [[4]]}
+    assert (await store.items_by_id(["NEW-1"], B))["NEW-1"]["codes"] == claimed
+    assert (await store.items_by_id(["NEW-1"], A))["NEW-1"]["codes"]["sid"] == [1, 2, 3, 1]
+    with pytest.raises(KeyError):
+        await store.claim_sid("never-added", B, [1, 2, 3], [], 5, [[4]])
+    with pytest.raises(ValueError, match="already holds"):
+        await store.add_item("NEW-2", B, SOURCE, [1, 2, 3], [0, 1, 4], 5, [[4]])
+    # Nothing written by the refused add: not logged, and no SID taken.
+    assert await store.items_by_id(["NEW-2"], B) == {}
 
 
 async def test_concurrent_adds_under_one_prefix_never_share_a_sid(
@@ -110,9 +140,9 @@ async def test_concurrent_adds_under_one_prefix_never_share_a_sid(
 ) -> None:
     # What two replicas adding look-alike items at once do: each claim is one atomic script.
     added = await asyncio.gather(
-        *(store.add_item(f"item-{n}", [4, 5], [0], 64, [[0]]) for n in range(40))
+        *(store.add_item(f"item-{n}", A, SOURCE, [4, 5], [0], 64, [[0]]) for n in range(40))
     )
-    sids = [tuple(record["sid"]) for record in added]
+    sids = [tuple(record["codes"]["sid"]) for record in added]
     assert len(set(sids)) == 40
     assert (4, 5, 0) not in sids
     assert sorted(record["seq"] for record in added) == list(range(1, 41))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.bundle import Bundle
+from service.manifest import MANIFEST
 from service.settings import Settings
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -61,3 +64,25 @@ def test_text_for_a_bundle_without_text_encoder_is_refused(
     db.flushdb()
     assert r.status_code == 422
     assert "no text encoder" in r.json()["detail"]["reason"]
+
+
+def test_a_text_item_is_embedded_again_under_another_tokenizer(
+    client: TestClient, text_exported: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The item's text is kept: a bundle of another tokenizer embeds and quantizes it again.
+    Here that bundle is the same export under another SID space, so the codes must match."""
+    other = tmp_path / "other"
+    shutil.copytree(text_exported[1], other)
+    manifest = json.loads((other / MANIFEST).read_text())
+    manifest["sid_space"] = "0123456789abcdef"
+    (other / MANIFEST).write_text(json.dumps(manifest))
+    text = "glass beaker 5"  # (a SID prefix with room: the codebooks have 4 codes)
+    added = client.post("/items", json={"item_id": "new-goggles", "text": text})
+    assert added.status_code == 201, added.text
+    first = added.json()
+    with TestClient(create_app(Settings(bundle_path=other, redis_url=REDIS_URL))) as replica:
+        r = replica.get("/items/new-goggles")
+        assert r.status_code == 200, r.text
+        item = r.json()
+        assert item["semantic_id"][:-1] == first["semantic_id"][:-1]
+        assert "bbqrec_items_requantized_total 1.0" in replica.get("/metrics").text

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from model.generative import Trie, beam_search
 from service.bundle import Bundle, Catalogue
-from service.manifest import BundleError
+from service.manifest import BundleError, sha256, space_of
 from training.cli import app
 from training.data import PAD, left_pad, load_dataset
 from training.features import TextEncoder
@@ -149,6 +149,32 @@ def test_manifest_describes_the_bundle(exported: tuple[Path, Path]) -> None:
         "popularity.npy",
     }
     assert manifest["training"]["test"]["users"] == 2928
+
+
+def test_the_sid_space_names_the_tokenizer(
+    exported: tuple[Path, Path],
+    tiny_tokenizer: Path,
+    retokenized: tuple[Path, Path],
+    tmp_path: Path,
+) -> None:
+    """Bundles of one tokenizer share their SID space (the hash of its artifact, whatever the
+    run); another tokenizer's bundle has another. A manifest without it gets one from its SID
+    table and quantizer; one that is no hex string (it names Redis keys) is refused."""
+    bundle = Bundle(exported[1])
+    files = (sha256(tiny_tokenizer / name) for name in ("tokenizer.pt", "sids.npy"))
+    assert bundle.sid_space == bundle.manifest["sid_space"] == space_of(*files)
+    assert Bundle(retokenized[1]).sid_space != bundle.sid_space
+    copy = tmp_path / "b"
+    shutil.copytree(exported[1], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["sid_space"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    digests = manifest["files"]
+    assert Bundle(copy).sid_space == space_of(digests["sids.npy"], digests["quantizer.onnx"])
+    manifest["sid_space"] = "../../etc"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="sid_space"):
+        Bundle(copy)
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "missing", "version"])
