@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -42,6 +42,7 @@ from service.settings import Settings
 from service.store import (
     EmbeddedRedis,
     HistoryStore,
+    IdempotencyConflictError,
     ItemExistsError,
     RedisHistoryStore,
     StoreUnavailableError,
@@ -97,6 +98,24 @@ class EventsRequest(BaseModel):
 
 class EventsResponse(BaseModel):
     accepted: int
+    replayed: bool = Field(
+        default=False,
+        description="True when an earlier request with this Idempotency-Key wrote these events: "
+        "nothing was written again.",
+    )
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Makes a retry safe: the events of a request are written once per key "
+        "(for BBQREC_IDEMPOTENCY_TTL_S); the same key with other events is refused (422).",
+    ),
+]
 
 
 class NewItem(BaseModel):
@@ -623,7 +642,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         dependencies=[Depends(require_key)],
         responses=errors(401, 413, 422, 503),
     )
-    async def events(body: EventsRequest, svc: Svc) -> EventsResponse:
+    async def events(
+        body: EventsRequest, svc: Svc, idempotency_key: IdempotencyKey = None
+    ) -> EventsResponse:
         # The same timestamped event twice is a client retry, not two interactions; untimed
         # repeats are kept (a user may pick the same item again).
         stamped = [
@@ -645,10 +666,17 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             ordered = sorted(ordered, key=lambda e: e.timestamp or 0.0)
         start = time.perf_counter()
         try:
-            await svc.store.append([(e.user_id, e.item_id) for e in ordered])
+            replayed = await svc.store.append(
+                [(e.user_id, e.item_id) for e in ordered],
+                idempotency_key=idempotency_key,
+                ttl_s=svc.settings.idempotency_ttl_s,
+            )
+        except IdempotencyConflictError as e:
+            raise error(422, f"{e}; nothing was written") from e
         except (RedisError, OSError) as e:
             svc.metrics.redis_errors.labels("write").inc()
-            # Not acknowledged is all we know: a write that timed out may still have landed.
+            # Not acknowledged is all we know: a write that timed out may still have landed
+            # (a retry with an Idempotency-Key is safe either way).
             committed = list(e.committed) if isinstance(e, StoreUnavailableError) else []
             if committed:  # cluster: one transaction per slot, some went through
                 raise unavailable(
@@ -658,7 +686,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             raise unavailable("history store unavailable; the events were not acknowledged") from e
         finally:
             svc.metrics.redis.labels("write").observe(time.perf_counter() - start)
-        return EventsResponse(accepted=len(ordered))
+        return EventsResponse(accepted=len(ordered), replayed=replayed)
 
     @app.post(
         "/items",

@@ -57,6 +57,13 @@ class Settings(BaseSettings):
         description="How often a replica takes in the items other replicas added (a request "
         "naming such an item looks it up at once).",
     )
+    idempotency_ttl_s: int = Field(
+        default=86_400,
+        ge=1,
+        le=30 * 86_400,
+        description="How long POST /events remembers an Idempotency-Key (a retry within it "
+        "writes nothing again).",
+    )
     api_key: SecretStr | None = Field(default=None, description="Required on write routes.")
     protect_reads: bool = Field(default=False, description="Also require the key on reads.")
     max_body_bytes: int = Field(default=1 << 20, ge=1024)

@@ -57,16 +57,30 @@ def sids_key(space: str) -> str:
     return f"bbqrec:{{items}}:sids:{space}"
 
 
-# KEYS: one history per user. ARGV: capacity, then per user: n, then n item ids (oldest first).
+# KEYS: one history per user, then, when a fingerprint is given, the request's idempotency key.
+# ARGV: capacity, fingerprint of the events ('' = no idempotency key), its time to live in
+# seconds, then per user: n, then n item ids (oldest first). Returns the number of users
+# written, -1 when this key already wrote these events (nothing written), -2 when it wrote
+# other events (nothing written).
 APPEND_SCRIPT = """
-local capacity, at = tonumber(ARGV[1]), 2
-for _, key in ipairs(KEYS) do
+local capacity, fingerprint, at = tonumber(ARGV[1]), ARGV[2], 4
+local users = #KEYS
+if fingerprint ~= '' then
+  users = users - 1
+  local seen = redis.call('GET', KEYS[#KEYS])
+  if seen then
+    if seen == fingerprint then return -1 end
+    return -2
+  end
+  redis.call('SET', KEYS[#KEYS], fingerprint, 'EX', tonumber(ARGV[3]))
+end
+for u = 1, users do
   local n = tonumber(ARGV[at])
-  redis.call('LPUSH', key, unpack(ARGV, at + 1, at + n))
-  redis.call('LTRIM', key, 0, capacity - 1)
+  redis.call('LPUSH', KEYS[u], unpack(ARGV, at + 1, at + n))
+  redis.call('LTRIM', KEYS[u], 0, capacity - 1)
   at = at + n + 1
 end
-return #KEYS
+return users
 """
 
 # Claims the first extra-level index under a SID prefix that neither the bundle (`taken`, ARGV
@@ -139,6 +153,12 @@ def history_key(user_id: str) -> str:
     return f"bbqrec:{{{user_id}}}:hist"
 
 
+def idempotency_key_name(user_id: str, key: str) -> str:
+    """Where a request's idempotency key is remembered: in the slot of `user_id` (a user of
+    the events it wrote there), under a hash of the client's key."""
+    return f"bbqrec:{{{user_id}}}:idem:{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+
+
 class StoreUnavailableError(RedisError):
     """Redis did not answer within the budget, or could not be reached. `committed` names the
     users whose events were written before the failure (cluster mode only; empty otherwise)."""
@@ -148,13 +168,23 @@ class StoreUnavailableError(RedisError):
         self.committed = tuple(committed)
 
 
+class IdempotencyConflictError(ValueError):
+    """The idempotency key was used before with other events."""
+
+
 class ItemExistsError(ValueError):
     """The item id was added before (by this replica or another)."""
 
 
 class HistoryStore(Protocol):
     async def history(self, user_id: str) -> list[str]: ...
-    async def append(self, events: Sequence[tuple[str, str]]) -> None: ...
+    async def append(
+        self,
+        events: Sequence[tuple[str, str]],
+        *,
+        idempotency_key: str | None = None,
+        ttl_s: int = 86_400,
+    ) -> bool: ...
     async def add_item(
         self,
         item_id: str,
@@ -253,23 +283,47 @@ class RedisHistoryStore:
             by_slot[self.client.keyslot(history_key(user))].append(user)
         return list(by_slot.values())
 
-    async def append(self, events: Sequence[tuple[str, str]]) -> None:
+    async def append(
+        self,
+        events: Sequence[tuple[str, str]],
+        *,
+        idempotency_key: str | None = None,
+        ttl_s: int = 86_400,
+    ) -> bool:
         """(user_id, item_id) pairs in time order. All or nothing on one server; on a cluster
-        all or nothing per slot, and StoreUnavailableError.committed names the users written."""
+        all or nothing per slot, and StoreUnavailableError.committed names the users written.
+        With an `idempotency_key`, the events are written once: a retry with the same key and
+        events within `ttl_s` writes nothing (returns True: a replay); on a cluster the key is
+        kept per slot, so a retry after a partial failure writes exactly the slots that were
+        not written. Raises IdempotencyConflictError when the key wrote other events."""
         by_user: dict[str, list[str]] = defaultdict(list)
         for user, item in events:
             by_user[user].append(item)
         committed: list[str] = []
+        replays = 0
+        groups = self._transactions(list(by_user))
         try:
             async with self._budget("append"):
-                for users in self._transactions(list(by_user)):
-                    args: list[str | int] = [self.capacity]
+                for users in groups:
+                    writes: list[str | int] = []
                     for user in users:
-                        args += [len(by_user[user]), *by_user[user]]
-                    await self._script(APPEND_SCRIPT, [history_key(u) for u in users], args)
+                        writes += [len(by_user[user]), *by_user[user]]
+                    keys = [history_key(u) for u in users]
+                    fingerprint = ""
+                    if idempotency_key is not None:
+                        keys.append(idempotency_key_name(users[0], idempotency_key))
+                        fingerprint = hashlib.sha256(json.dumps(writes).encode()).hexdigest()
+                    args: list[str | int] = [self.capacity, fingerprint, ttl_s, *writes]
+                    written = await self._script(APPEND_SCRIPT, keys, args)
+                    if written == -2:
+                        raise IdempotencyConflictError(
+                            "this idempotency key was used with other events"
+                        )
+                    replays += written == -1
                     committed.extend(users)
         except StoreUnavailableError as e:
             raise StoreUnavailableError(str(e), committed) from e.__cause__
+        return replays == len(groups)
 
     async def add_item(
         self,

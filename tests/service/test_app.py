@@ -48,7 +48,7 @@ def test_recommend_uses_the_stored_history_and_excludes_seen(client: TestClient)
     seen = [ids[3], ids[17], ids[42]]
     r = client.post("/events", json={"events": [{"user_id": "u1", "item_id": i} for i in seen]})
     assert r.status_code == 200
-    assert r.json() == {"accepted": 3}
+    assert r.json() == {"accepted": 3, "replayed": False}
     assert client.get("/users/u1/history").json()["items"] == seen
 
     r = client.post("/recommend", json={"user_id": "u1", "k": 20})
@@ -331,6 +331,31 @@ def test_exclude_seen_covers_the_whole_stored_history(client: TestClient) -> Non
     body = client.post("/recommend", json={"user_id": "long", "k": 100}).json()
     assert len(body["items"]) == 100
     assert not {i["item_id"] for i in body["items"]} & set(seen)
+
+
+def test_a_retried_events_request_with_an_idempotency_key_is_written_once(
+    client: TestClient,
+) -> None:
+    ids = item_ids()
+    body = {"events": [{"user_id": "r", "item_id": ids[i]} for i in (5, 1)]}
+    key = {"Idempotency-Key": "3f1c-retry-me"}
+    first = client.post("/events", json=body, headers=key)
+    assert first.json() == {"accepted": 2, "replayed": False}
+    again = client.post("/events", json=body, headers=key)  # e.g. after a lost reply
+    assert again.status_code == 200
+    assert again.json() == {"accepted": 2, "replayed": True}
+    assert client.get("/users/r/history").json()["items"] == [ids[5], ids[1]]
+    other = {"events": [{"user_id": "r", "item_id": ids[9]}]}
+    r = client.post("/events", json=other, headers=key)
+    assert r.status_code == 422
+    assert "used with other events; nothing was written" in r.json()["detail"]["reason"]
+    for bad in ("has space", "", "x" * 256):
+        r = client.post("/events", json=other, headers={"Idempotency-Key": bad})
+        assert r.status_code == 422, bad
+    assert client.get("/users/r/history").json()["items"] == [ids[5], ids[1]]
+    # without a key a repeat is another interaction
+    client.post("/events", json=body)
+    assert client.get("/users/r/history").json()["items"] == [ids[5], ids[1], ids[5], ids[1]]
 
 
 def test_events_keep_request_order_unless_all_are_timestamped(client: TestClient) -> None:

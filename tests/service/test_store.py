@@ -12,7 +12,14 @@ import redis
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
-from service.store import ItemExistsError, RedisHistoryStore, StoreUnavailableError, history_key
+from service.store import (
+    IdempotencyConflictError,
+    ItemExistsError,
+    RedisHistoryStore,
+    StoreUnavailableError,
+    history_key,
+    idempotency_key_name,
+)
 from tests.service.redis_procs import HOST, free_port, redis_cluster
 
 pytestmark = pytest.mark.anyio
@@ -79,6 +86,43 @@ async def test_a_batch_over_many_users_keeps_each_users_order(store: RedisHistor
     await store.append(events)
     for user in users:
         assert await store.history(user) == [f"{user}/{n}" for n in range(3)]
+
+
+async def test_an_idempotency_key_writes_its_events_once(store: RedisHistoryStore) -> None:
+    users = [f"user-{n}" for n in range(12)]
+    events = [(u, f"{u}/{n}") for n in range(2) for u in users]
+    assert not await store.append(events, idempotency_key="req-1", ttl_s=60)
+    assert await store.append(events, idempotency_key="req-1", ttl_s=60)  # a retry: replayed
+    for user in users:
+        assert await store.history(user) == [f"{user}/0", f"{user}/1"]
+    with pytest.raises(IdempotencyConflictError):
+        await store.append([(users[0], "other")], idempotency_key="req-1", ttl_s=60)
+    assert not await store.append(events[:1], idempotency_key="req-2", ttl_s=60)
+    assert not await store.append(events[:1])  # no key: a second interaction
+    assert await store.history(users[0]) == ["user-0/0", "user-0/1", "user-0/0", "user-0/0"]
+    # the key is kept in each slot written, and forgotten after its time to live
+    for group in store._transactions(users):
+        assert 0 < await store.client.ttl(idempotency_key_name(group[0], "req-1")) <= 60
+
+
+async def test_a_retry_after_a_partial_cluster_write_writes_the_rest(
+    store: RedisHistoryStore,
+) -> None:
+    """On a cluster a batch is one transaction per slot and the key is kept per slot: a retry
+    after some slots were written writes exactly the others. On one server a batch is all or
+    nothing, so there is no partial write to retry."""
+    users = [f"user-{n}" for n in range(12)]
+    events = [(u, f"{u}/{n}") for n in range(2) for u in users]
+    groups = store._transactions(users)
+    if not isinstance(store.client, RedisCluster):
+        assert len(groups) == 1
+        return
+    assert len(groups) > 1
+    first = set(groups[0])  # what a write that failed after its first slot committed
+    assert not await store.append([e for e in events if e[0] in first], idempotency_key="k")
+    assert not await store.append(events, idempotency_key="k")  # the client's retry
+    for user in users:
+        assert await store.history(user) == [f"{user}/0", f"{user}/1"]
 
 
 A, B = "a" * 16, "b" * 16  # two SID spaces (two tokenizers)
