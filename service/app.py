@@ -693,17 +693,25 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         response_model=ItemResponse,
         status_code=201,
         dependencies=[Depends(require_key)],
-        responses=errors(401, 409, 413, 422, 503),
+        responses={
+            200: {
+                "model": ItemResponse,
+                "description": "Added before from the same text and features (a retry); "
+                "nothing was written",
+            },
+            **errors(401, 409, 413, 422, 503),
+        },
     )
-    async def add_item(body: NewItem, svc: Svc) -> ItemResponse:
+    async def add_item(body: NewItem, response: Response, svc: Svc) -> ItemResponse:
+        """Add an item from its text or modality vectors (201). Sending an added item again
+        with the same text and features answers 200 with what was stored (a client may retry
+        after a lost reply); any other item of that id is a conflict (409)."""
         async with svc.items_lock:  # one writer at a time: each add builds on the last snapshot
-            return await _add_item(body, svc)
+            return await _add_item(body, response, svc)
 
-    async def _add_item(body: NewItem, svc: Svc) -> ItemResponse:
+    async def _add_item(body: NewItem, response: Response, svc: Svc) -> ItemResponse:
         bundle = svc.bundle
         catalogue = bundle.catalogue
-        if body.item_id in catalogue.index:
-            raise error(409, "item already exists")
         known = {m["name"] for m in bundle.manifest["modalities"]}
         if extra := sorted(body.features.keys() - known):
             raise error(422, "unknown modalities", unknown=extra[:50])
@@ -712,6 +720,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         if overflow := sorted(m for m, x in features.items() if not np.isfinite(x).all()):
             raise error(422, "feature values out of float32 range", modalities=overflow)
         source = item_source(body.text, features)  # kept, for bundles of other tokenizers
+        if body.item_id in catalogue.index:
+            response.status_code = 200
+            return await _added_before(body.item_id, source, svc)
         if body.text is not None:
             if bundle.text is None:
                 raise error(422, "this bundle has no text encoder; send features instead")
@@ -731,8 +742,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
                 catalogue.codebook_size,
                 view_codes[0].tolist(),
             )
-        except ItemExistsError as e:  # added on another replica
-            raise error(409, "item already exists") from e
+        except ItemExistsError:  # added on another replica
+            response.status_code = 200
+            return await _added_before(body.item_id, source, svc)
         except (RedisError, OSError) as e:
             svc.metrics.redis_errors.labels("save_item").inc()
             raise unavailable("history store unavailable; the item was not added") from e
@@ -744,6 +756,34 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             item_id=body.item_id,
             index=bundle.catalogue.index[body.item_id],
             semantic_id=list(record["codes"]["sid"]),
+            added_at_serving_time=True,
+        )
+
+    async def _added_before(item_id: str, source: dict[str, Any], svc: Svc) -> ItemResponse:
+        """An item that exists, sent to POST /items again: the item as stored when it was added
+        at serving time from this very `source` (a retry), else a conflict."""
+        model = svc.model
+        bundle = model.bundle
+        if bundle.catalogue.index.get(item_id, model.base_items) < model.base_items:
+            raise error(409, "item already exists: it is in the bundle")
+        try:
+            record = (await svc.store.items_by_id([item_id], bundle.sid_space)).get(item_id)
+            if record is not None and record.get("source") == source:
+                await adopt_items(svc.store, svc.metrics, bundle, {item_id: record})
+        except (RedisError, OSError) as e:
+            svc.metrics.redis_errors.labels("read").inc()
+            raise unavailable("history store unavailable; could not look up the item") from e
+        if record is None or record.get("source") != source:
+            raise error(409, "item already exists, added from other text or features")
+        if item_id not in bundle.catalogue.index:
+            raise error(
+                409, "item already exists; this bundle cannot quantize what it was added from"
+            )
+        i = bundle.catalogue.index[item_id]
+        return ItemResponse(
+            item_id=item_id,
+            index=i,
+            semantic_id=bundle.catalogue.sids[i].tolist(),
             added_at_serving_time=True,
         )
 

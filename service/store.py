@@ -339,9 +339,9 @@ class RedisHistoryStore:
         the SID `prefix` that neither the bundle (`taken`) nor any replica's added item uses;
         keep `source` (what the item was added from, for bundles of other tokenizers). Returns
         the stored record {seq, claim, source, codes: {sid, view_codes}}. Raises
-        ItemExistsError, or ValueError when the prefix is full. Safe to retry: a client retries
-        after a lost reply, and the claim token makes the second run return the first one's
-        record."""
+        ItemExistsError, or ValueError when the prefix is full. Safe to retry: when the reply
+        is lost to a broken connection the script runs again, and the claim token makes the
+        second run return the first one's record."""
         claim = uuid.uuid4().hex
         async with self._budget("add_item"):
             stored = await self._script(

@@ -167,7 +167,18 @@ def test_new_item_is_recommendable_at_once_and_survives_a_restart(
         assert added["index"] == len(ids)
         recs = c.post("/recommend", json={"user_id": "x", "history": history, "k": 100}).json()
         assert "NEW-1" in [i["item_id"] for i in recs["items"]]
-        assert c.post("/items", json={"item_id": "NEW-1", "features": features}).status_code == 409
+        # sent again as it was (a retry after a lost reply): the stored item, nothing written
+        again = c.post("/items", json={"item_id": "NEW-1", "features": features})
+        assert again.status_code == 200, again.text
+        assert again.json() == added
+        other = {m: [-x for x in v] for m, v in features.items()}
+        r = c.post("/items", json={"item_id": "NEW-1", "features": other})
+        assert r.status_code == 409
+        assert "other text or features" in r.json()["detail"]["reason"]
+        r = c.post("/items", json={"item_id": ids[5], "features": features})
+        assert r.status_code == 409
+        assert "in the bundle" in r.json()["detail"]["reason"]
+        assert "bbqrec_items_added_total 1.0" in c.get("/metrics").text
         bad = {"clip_vitb32_image": features["clip_vitb32_image"]}
         assert c.post("/items", json={"item_id": "NEW-2", "features": bad}).status_code == 422
     with make_client(bundle_dir) as c:  # a restart restores it from Redis
@@ -204,14 +215,24 @@ def test_replicas_share_the_items_added_at_serving_time(
     ds = load_dataset()
     ids = ds.item_ids
     history = [ids[3], ids[17], ids[42]]
-    with make_client(bundle_dir, items_sync_s=0.1) as a, make_client(bundle_dir) as b:
+    with (
+        make_client(bundle_dir, items_sync_s=0.1) as a,
+        make_client(bundle_dir) as b,
+        make_client(bundle_dir, items_sync_s=3600) as cold,
+    ):
         features = look_alike(a, history)
         added = a.post("/items", json={"item_id": "NEW-A", "features": features}).json()
         # Replica b has not synced yet (1 s), but a request naming the item finds it at once.
         event = {"events": [{"user_id": "u", "item_id": "NEW-A"}]}
         assert b.post("/events", json=event).status_code == 200
         assert b.get("/items/NEW-A").json()["semantic_id"] == added["semantic_id"]
-        assert b.post("/items", json={"item_id": "NEW-A", "features": features}).status_code == 409
+        # a's reply was lost and the client retried on a replica that does not know the item
+        # yet: it answers with a's item and writes nothing; other features for the id conflict
+        again = cold.post("/items", json={"item_id": "NEW-A", "features": features})
+        assert again.status_code == 200, again.text
+        assert again.json() == added
+        other = {m: [-x for x in v] for m, v in features.items()}
+        assert cold.post("/items", json={"item_id": "NEW-A", "features": other}).status_code == 409
         # Look-alike items added on both replicas: one SID prefix, never one SID.
         sids = {tuple(added["semantic_id"])}
         for client, item in ((b, "NEW-B"), (a, "NEW-C"), (b, "NEW-D")):
