@@ -57,10 +57,18 @@ def workers(exported: tuple[Path, Path], tmp_path: Path) -> Iterator[str]:
     finally:
         server.send_signal(signal.SIGINT)
         try:
-            server.wait(timeout=30)
+            server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
-        log.close()
+            server.wait()
+            for pid in servers_in(tmp_path / "data"):  # what the killed parent could not stop
+                os.kill(pid, signal.SIGKILL)
+            raise AssertionError(
+                "serve did not stop within 60 s of SIGINT: "
+                + (tmp_path / "serve.log").read_text()[-3000:]
+            ) from None
+        finally:
+            log.close()
     assert servers_in(tmp_path / "data") == []  # the embedded Redis stopped with the service
 
 
