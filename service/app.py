@@ -773,7 +773,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         except (RedisError, OSError) as e:
             svc.metrics.redis_errors.labels("read").inc()
             raise unavailable("history store unavailable; could not look up the item") from e
-        if record is None or record.get("source") != source:
+        if record is None:  # added at serving time, but no longer in Redis
+            raise error(409, "item already exists")
+        if record.get("source") != source:
             raise error(409, "item already exists, added from other text or features")
         if item_id not in bundle.catalogue.index:
             raise error(
