@@ -85,6 +85,18 @@ def shared_prefix_length(codes: Tensor) -> Tensor:
     return (mismatches_so_far == 0).long().sum(dim=-1)  # (B, V, M, M)
 
 
+def item_pairs_to_tokens(values: Tensor, tokens_per_item: int) -> Tensor:
+    """(B, H, M, M) values per item pair -> (B, H, M * D, M * D) per token pair: every token of
+    item i with every token of item j gets the (i, j) value.
+
+    Repeats along the second-to-last axis twice, transposing in between, instead of repeating
+    the last axis: ONNX Runtime's Tile copies element by element when the repeated axis is the
+    innermost one, about 8x slower here (B 8, M 20, D 4, measured)."""
+    D = tokens_per_item
+    rows = values.repeat_interleave(D, dim=2).transpose(-1, -2)  # (B, H, M, T)
+    return rows.repeat_interleave(D, dim=2).transpose(-1, -2)  # (B, H, T, T)
+
+
 def relative_bucket(
     relative: Tensor, *, bidirectional: bool, buckets: int, max_distance: int
 ) -> Tensor:
@@ -279,8 +291,7 @@ class GenerativeRecommender(nn.Module):
                 table = self.sim_bias[layer]  # (V, L + 1, H)
                 views = torch.arange(c.num_views, device=sids.device)[None, :, None, None]
                 item_bias = table[views, sim].sum(dim=1).permute(0, 3, 1, 2)  # (B, H, M, M)
-                tok_bias = item_bias.repeat_interleave(D, dim=2).repeat_interleave(D, dim=3)
-                bias = bias + tok_bias  # (B, H, T, T)
+                bias = bias + item_pairs_to_tokens(item_bias, D)  # (B, H, T, T)
             x = block(x, bias)
         memory = self.enc_ln(x)
         weights = mask.unsqueeze(-1).to(memory.dtype)

@@ -8,6 +8,7 @@ from model.generative import (
     GenRecConfig,
     Trie,
     beam_search,
+    item_pairs_to_tokens,
     shared_prefix_length,
     sid_tokens,
 )
@@ -68,6 +69,14 @@ def test_shared_prefix_length_counts_leading_equal_codes() -> None:
     assert sim[0].tolist() == [2, 1, 0, 0]
     assert sim[1, 2].item() == 0
     assert sim[3, 3].item() == 0  # padding shares nothing
+
+
+def test_item_pair_values_reach_every_token_pair_of_the_two_items() -> None:
+    values = torch.randn(2, 3, 5, 5)  # not symmetric: rows and columns must not swap
+    out = item_pairs_to_tokens(values, 4)
+    assert out.shape == (2, 3, 20, 20)
+    t = torch.arange(20)
+    assert torch.equal(out, values[:, :, t[:, None] // 4, t[None, :] // 4])
 
 
 def test_zero_reweighting_equals_the_plain_transformer_exactly() -> None:
