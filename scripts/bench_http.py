@@ -1,6 +1,7 @@
 """HTTP benchmark of the service with wrk on loopback (issue 6 figures in docs/BENCHMARKS.md).
 
     python scripts/bench_http.py --bundle runs/bundles/beauty-bench [--duration 15] [--beam N]
+        [--workers N] [--concurrent-batches N]
 
 Starts `bbqrec serve` on the bundle (`--workers` processes, default 1; Redis database 13 of the
 local server, flushed), stores real histories (the last 20 training items of the dataset's first
@@ -146,6 +147,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="bbqrec serve --workers")
     parser.add_argument("--beam", type=int, help="BBQREC_BEAM (default: the bundle's)")
     parser.add_argument(
+        "--concurrent-batches", type=int, help="BBQREC_CONCURRENT_BATCHES (default: the service's)"
+    )
+    parser.add_argument(
         "--skip", default="", help="Comma-separated routes not to measure: healthz, events"
     )
     parser.add_argument("--out", type=Path, help="Also write the runs as JSON here.")
@@ -157,6 +161,8 @@ def main() -> None:
     serve = ["serve", "--bundle", str(args.bundle), "--port", str(args.port)]
     serve += ["--workers", str(args.workers)]
     server_env = {**os.environ} | ({"BBQREC_BEAM": str(args.beam)} if args.beam else {})
+    if args.concurrent_batches:
+        server_env["BBQREC_CONCURRENT_BATCHES"] = str(args.concurrent_batches)
     server = subprocess.Popen(
         [sys.executable, "-m", "training.cli", *serve, "--redis-url", args.redis_url],
         env=server_env,

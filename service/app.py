@@ -502,7 +502,11 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         bundle, base_items, cursor = await load_model(
             settings.bundle_path, settings, provider, store, metrics
         )
-        batcher = MicroBatcher(max_batch=settings.max_batch, observe=metrics.observe_batch)
+        batcher = MicroBatcher(
+            max_batch=settings.max_batch,
+            concurrency=settings.concurrent_batches,
+            observe=metrics.observe_batch,
+        )
         batcher.start()
         model = ModelHolder(bundle, base_items=base_items)
         svc = Services(settings, model, store, batcher, metrics, provider, items_cursor=cursor)
@@ -864,6 +868,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             "max_history": svc.bundle.max_history,
             "max_k": m["max_k"],
             "beam": svc.bundle.beam,
+            "concurrent_batches": svc.batcher.concurrency,
+            "intra_op_threads": settings.intra_op_threads,
             "modalities": m["modalities"],
         }
 

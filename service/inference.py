@@ -1,8 +1,12 @@
 """Inference: numpy in, numpy out, over a loaded bundle; greedy micro-batching.
 
-`MicroBatcher` runs one worker task: it takes whatever requests are queued (up to `max_batch`),
-runs one ONNX Runtime call for all of them in a thread (so the event loop never blocks), and
-answers each. There is no waiting window: a lone request runs at once.
+`MicroBatcher` runs `concurrency` worker tasks over one queue. An idle worker takes whatever
+requests are queued (up to `max_batch`), runs one ONNX Runtime call for all of them in a thread
+(so the event loop never blocks), and answers each. There is no waiting window: a lone request
+runs at once. With more than one worker, a request that arrives while a batch is running starts
+on the next idle worker instead of waiting for that batch to end (ONNX Runtime sessions take
+concurrent `run` calls); each call uses `intra_op_threads` of its own, so `concurrency x
+intra_op_threads` should not exceed the cores the process may use.
 
 `ModelHolder` holds the bundle in service and swaps it whole (`POST /admin/reload`). A query
 carries the bundle its item indices come from, so a batch queued before a swap still runs on the
@@ -15,6 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,22 +103,36 @@ class MicroBatcher:
         self,
         *,
         max_batch: int,
+        concurrency: int = 1,
         observe: Callable[[int, list[float], float], None] | None = None,
     ) -> None:
-        """`observe` receives (batch size, queue waits in s, inference time in s) after each
-        batch."""
-        self.max_batch, self._observe = max_batch, observe
+        """`concurrency`: batches that may run at once (worker tasks, each calling ONNX Runtime
+        in its own thread). `observe` receives (batch size, queue waits in s, inference time in
+        s) after each batch."""
+        if max_batch < 1 or concurrency < 1:
+            raise ValueError(f"max_batch and concurrency must be >= 1: {max_batch}, {concurrency}")
+        self.max_batch, self.concurrency, self._observe = max_batch, concurrency, observe
         self._queue: asyncio.Queue[Query] = asyncio.Queue()
-        self._worker: asyncio.Task[None] | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._executor: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
-        self._worker = asyncio.create_task(self._run(), name="bbqrec-batcher")
+        # Threads of their own: the loop's default executor also runs other blocking work.
+        self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="bbqrec-ort")
+        self._workers = [
+            asyncio.create_task(self._run(self._executor), name=f"bbqrec-batcher-{i}")
+            for i in range(self.concurrency)
+        ]
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
+        for worker in self._workers:
+            worker.cancel()
+        for worker in self._workers:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+                await worker
+        self._workers = []
+        if self._executor is not None:  # a call still running ends on its own
+            self._executor.shutdown(wait=False)
 
     async def submit(
         self, bundle: Bundle, history: np.ndarray, k: int, exclude: np.ndarray
@@ -125,7 +144,7 @@ class MicroBatcher:
         await self._queue.put(Query(bundle, history, k, exclude, future))
         return await future
 
-    async def _run(self) -> None:
+    async def _run(self, executor: ThreadPoolExecutor) -> None:
         while True:
             taken = [await self._queue.get()]
             while len(taken) < self.max_batch and not self._queue.empty():
@@ -135,13 +154,15 @@ class MicroBatcher:
             for q in taken:
                 by_bundle.setdefault(id(q.bundle), []).append(q)
             for batch in by_bundle.values():
-                await self._run_batch(batch)
+                await self._run_batch(batch, executor)
 
-    async def _run_batch(self, batch: list[Query]) -> None:
+    async def _run_batch(self, batch: list[Query], executor: ThreadPoolExecutor) -> None:
         start = time.perf_counter()
         waits = [start - q.enqueued for q in batch]
         try:
-            results = await asyncio.to_thread(run_queries, batch[0].bundle, batch)
+            results = await asyncio.get_running_loop().run_in_executor(
+                executor, run_queries, batch[0].bundle, batch
+            )
         except Exception as e:  # answer every waiter; the worker keeps serving
             for q in batch:
                 if not q.future.done():

@@ -25,7 +25,17 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("data"), description="Embedded Redis persistence.")
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch: int = Field(default=64, ge=1, le=1024)
-    intra_op_threads: int = Field(default=1, ge=1, le=64)
+    intra_op_threads: int = Field(
+        default=1, ge=1, le=64, description="ONNX Runtime threads of one inference call."
+    )
+    concurrent_batches: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Micro-batches that may run at once in one process, each in its own "
+        "thread: a request that arrives while a batch runs starts on the next idle one instead "
+        "of waiting. Keep concurrent_batches x intra_op_threads x workers within the cores.",
+    )
     beam: int | None = Field(
         default=None,
         ge=1,
