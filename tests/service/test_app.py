@@ -91,6 +91,20 @@ def test_the_beam_width_is_a_setting(bundle_dir: Path, clean_redis: None) -> Non
         Settings(bundle_path=bundle_dir, beam=0)
 
 
+def test_concurrent_batches_is_a_setting(bundle_dir: Path, clean_redis: None) -> None:
+    """BBQREC_CONCURRENT_BATCHES reaches the batcher, and answers do not depend on it."""
+    ids = item_ids()
+    body = {"user_id": "u", "history": [ids[5], ids[6], ids[9]], "k": 5}
+    answers = []
+    for n in (1, 3):
+        with make_client(bundle_dir, concurrent_batches=n) as c:
+            assert c.get("/model").json()["concurrent_batches"] == n
+            answers.append(
+                [it["item_id"] for it in c.post("/recommend", json=body).json()["items"]]
+            )
+    assert answers[0] == answers[1]
+
+
 def test_cold_start_answers_by_popularity_and_is_counted(client: TestClient) -> None:
     r = client.post("/recommend", json={"user_id": "new-user", "k": 5})
     assert r.status_code == 200
