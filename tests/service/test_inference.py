@@ -15,6 +15,7 @@ from service.bundle import Bundle
 from service.inference import MicroBatcher
 from service.settings import Settings
 from tests.training.test_export import assert_same_ranking
+from training.data import left_pad
 
 EMPTY = np.empty(0, dtype=np.int64)
 
@@ -95,13 +96,9 @@ async def test_concurrent_batches_answer_as_lone_calls(bundle: Bundle) -> None:
         )
     finally:
         await batcher.stop()
-    m = bundle.max_history
     for (history, k), (items, scores) in zip(requests, answers, strict=True):
-        row = np.full((1, m), -1, dtype=np.int64)
-        h = history[-m:]
-        if len(h):
-            row[0, m - len(h) :] = h
-        exclude = history[None, :] if len(history) else np.full((1, 1), -1, dtype=np.int64)
+        row = left_pad([history], bundle.max_history)
+        exclude = left_pad([history], max(1, len(history)))
         want_items, want_scores = bundle.recommend(row, k, exclude)
         # a batch pads the exclusions to its longest row; the answer must not depend on it (nor
         # on the batch's shape, but for the order inside a near-tie)
