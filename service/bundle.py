@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from model.trie import next_free_extra, taken_extras, trie_tables
 from service.manifest import BundleError, read_manifest, sid_space
+from training.data import trim_padding
 
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
@@ -215,10 +216,13 @@ class Bundle:
         self, histories: np.ndarray, k: int, exclude: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k items (B, k) (-1 where the catalogue has fewer) and their scores, for left-padded
-        histories (B, M) of item indices (-1 = padding); `exclude` (B, E) items never returned."""
+        histories (B, M) of item indices (-1 = padding); `exclude` (B, E) items never returned.
+        The graph runs on the batch's longest history (`training.data.trim_padding`), not M."""
         if not 1 <= k <= int(self.manifest["max_k"]):
             raise ValueError(f"k must be in [1, {self.manifest['max_k']}], got {k}")
-        histories = np.ascontiguousarray(histories[:, -self.max_history :], dtype=np.int64)
+        histories = np.ascontiguousarray(
+            trim_padding(histories[:, -self.max_history :]), dtype=np.int64
+        )
         if exclude is None:
             exclude = np.full((len(histories), 1), -1, dtype=np.int64)
         cat = self.catalogue

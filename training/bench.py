@@ -16,7 +16,7 @@ import torch
 
 from model.generative import Trie, beam_search
 from service.bundle import Bundle
-from training.data import Dataset, leave_one_out
+from training.data import Dataset, leave_one_out, trim_padding
 from training.generative import load_generative
 
 
@@ -58,7 +58,7 @@ def bench(
     sessions = {t: Bundle(bundle_dir, intra_op_threads=t, beam=beam) for t in (1, 2)}
     results: list[Timing] = []
     for batch in batches:
-        h = histories[:batch]
+        h = trim_padding(histories[:batch])  # what the service and evaluation feed both runtimes
         sids, codes = tables.gather(h)
         s_t, c_t, e_t = torch.from_numpy(sids), torch.from_numpy(codes), torch.from_numpy(h)
         for k in ks:

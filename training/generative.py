@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from model.generative import GenerativeRecommender, GenRecConfig, Trie, beam_search
-from training.data import Dataset, leave_one_out, training_prefixes
+from training.data import Dataset, leave_one_out, training_prefixes, trim_padding
 from training.distributed import SINGLE, Distributed, Shard, global_batches
 from training.evaluation import evaluate
 from training.loop import BEST, FitResult, TrainConfig, fit, load_checkpoint, resolve_device
@@ -67,7 +67,7 @@ class GenerativeRanker:
     def rank(self, histories: np.ndarray, k: int) -> np.ndarray:
         self.model.eval()
         device = next(self.model.parameters()).device
-        sids, codes = self.tables.gather(histories)
+        sids, codes = self.tables.gather(trim_padding(histories))
         result = beam_search(
             self.model,
             torch.from_numpy(sids).to(device),
@@ -101,7 +101,7 @@ class Batch(NamedTuple):
         device: torch.device,
     ) -> Batch:
         """The batch of training examples `rows` (a global batch) that `part` gives this rank."""
-        sids, codes = tables.gather(histories[part.rows])
+        sids, codes = tables.gather(trim_padding(histories[part.rows]))
         return Batch(
             sids=torch.from_numpy(sids).to(device),
             codes=torch.from_numpy(codes).to(device),

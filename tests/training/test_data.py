@@ -16,6 +16,7 @@ from training.data import (
     load_dataset,
     training_prefixes,
     training_windows,
+    trim_padding,
 )
 
 
@@ -133,6 +134,15 @@ def test_item_text_is_title_then_attributes() -> None:
 def test_left_pad_keeps_most_recent_items() -> None:
     out = left_pad([np.array([1, 2, 3, 4]), np.array([7]), np.array([], dtype=np.int64)], 3)
     assert out.tolist() == [[2, 3, 4], [PAD, PAD, 7], [PAD, PAD, PAD]]
+
+
+def test_trim_padding_drops_only_columns_that_are_padding_in_every_row() -> None:
+    h = left_pad([np.array([1, 2]), np.array([7]), np.array([], dtype=np.int64)], 5)
+    assert trim_padding(h).tolist() == [[1, 2], [PAD, 7], [PAD, PAD]]
+    assert trim_padding(left_pad([np.array([1, 2, 3])], 3)).tolist() == [[1, 2, 3]]
+    # all padding: one column stays, so the row still reaches the model
+    assert trim_padding(np.full((2, 4), PAD)).tolist() == [[PAD], [PAD]]
+    assert trim_padding(np.empty((3, 0), dtype=np.int64)).shape == (3, 0)
 
 
 def test_leave_one_out_split(tiny: Path) -> None:

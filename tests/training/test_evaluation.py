@@ -85,6 +85,27 @@ def test_evaluate_uses_each_row_history() -> None:
     assert m["recall@1"] == pytest.approx(2 / 3)
 
 
+def test_evaluate_visits_users_by_history_length_and_scores_each_its_own() -> None:
+    class Recording(EchoLast):
+        def __init__(self, num_items: int) -> None:
+            super().__init__(num_items)
+            self.seen: list[np.ndarray] = []
+
+        def rank(self, histories: np.ndarray, k: int) -> np.ndarray:
+            self.seen.append(histories.copy())
+            return super().rank(histories, k)
+
+    histories = [[4, 5, 6], [PAD, PAD, 3], [PAD, 1, 2], [PAD, PAD, 9], [7, 8, 0]]
+    targets = [6, 3, 1, 9, 0]  # users 0, 1, 3 and 4 hit at rank 1; user 2 at rank 3 (after 2, 0)
+    ranker = Recording(30)
+    m = evaluate(ranker, split_of(histories, targets), batch_size=2)
+    lengths = [int((h != PAD).sum()) for batch in ranker.seen for h in batch]
+    assert lengths == [1, 1, 2, 3, 3]
+    assert m["recall@1"] == pytest.approx(4 / 5)
+    assert m["ndcg@5"] == pytest.approx((4 + 1 / math.log2(4)) / 5)
+    assert evaluate(EchoLast(30), split_of(histories, targets), batch_size=5) == m
+
+
 def test_evaluate_rejects_a_ranker_returning_the_wrong_shape() -> None:
     class Short:
         def rank(self, histories: np.ndarray, k: int) -> np.ndarray:
