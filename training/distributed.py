@@ -178,12 +178,33 @@ class _LossModule(nn.Module):
         return self.loss_fn(batch)
 
 
-def global_batches(rng: np.random.Generator, n: int, batch_size: int) -> Iterator[np.ndarray]:
+GROUP_BATCHES = 50  # batches per length-sorted group (the megabatch of HF's LengthGroupedSampler)
+
+
+def global_batches(
+    rng: np.random.Generator, n: int, batch_size: int, lengths: np.ndarray | None = None
+) -> Iterator[np.ndarray]:
     """One epoch's global batches of row indices: a permutation of `n` rows drawn from `rng`, in
-    chunks of `batch_size`. Every rank calls it with an identically seeded `rng`."""
+    chunks of `batch_size`. Every rank calls it with an identically seeded `rng`.
+
+    With `lengths` (n,), batches group rows of similar length: the permutation is cut into
+    groups of GROUP_BATCHES batches, each group sorted by length (ties in permutation order) and
+    chunked, and the epoch's batches are then shuffled. Every row still comes once an epoch."""
     order = rng.permutation(n)
-    for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
+    if lengths is None:
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]
+        return
+    if lengths.shape != (n,):
+        raise ValueError(f"lengths must have shape ({n},), got {lengths.shape}")
+    group = GROUP_BATCHES * batch_size
+    batches = []
+    for g in range(0, n, group):
+        rows = order[g : g + group]
+        rows = rows[np.argsort(-lengths[rows], kind="stable")]
+        batches += [rows[b : b + batch_size] for b in range(0, len(rows), batch_size)]
+    for i in rng.permutation(len(batches)):
+        yield batches[i]
 
 
 def env_world_size() -> int:

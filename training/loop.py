@@ -52,6 +52,9 @@ class TrainConfig:
     monitor: str = "ndcg@10"
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA; ignored on the CPU
+    # Batches of similar history length, each cut to its longest history: the generative stage
+    # only (`training.distributed.global_batches`); SASRec's windows are all full length.
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1 or self.patience < 1:

@@ -67,6 +67,8 @@ def train_sasrec(
     (data-parallel over torchrun's processes when `dist` is enabled, as `train_generative`)."""
     if model_config.num_items != dataset.num_items:
         raise ValueError("model_config.num_items does not match the dataset")
+    if train_config.group_by_length:
+        raise ValueError("group_by_length is for the generative stage: SASRec's windows are full")
     dev = dist.device(resolve_device(device))
     split = leave_one_out(dataset, model_config.max_len)
     windows = training_windows(split.train, model_config.max_len)

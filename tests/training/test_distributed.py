@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from model.generative import GenerativeRecommender, GenRecConfig
 from training.cli import app
 from training.data import EMBEDDED_DATASET, leave_one_out, load_dataset, training_prefixes
-from training.distributed import SINGLE, Distributed
+from training.distributed import SINGLE, Distributed, global_batches
 from training.generative import Batch, CatalogueTables
 from training.loop import LAST, TrainConfig, fit, load_checkpoint
 
@@ -41,6 +41,24 @@ def test_shards_split_each_global_batch_in_order() -> None:
             assert p.rows.tolist() == [10]
             assert p.scale == 0.0
     assert len([p for p in parts if p.scale == 0]) == 1  # world 8, 7 rows
+
+
+def test_length_grouped_batches_cover_every_row_once_in_similar_lengths() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 21, size=1000)
+    batches = list(global_batches(np.random.default_rng(3), 1000, 8, lengths))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    assert [len(b) for b in batches].count(8) == 125
+    # a group of GROUP_BATCHES batches spans the whole length range: sorted inside it, a batch
+    # of 8 covers one to three neighbouring lengths, where a random batch of 8 covers most of it
+    spread = [int(np.ptp(lengths[b])) for b in batches]
+    random_spread = [int(np.ptp(lengths[b])) for b in global_batches(rng, 1000, 8)]
+    assert max(spread) <= 2 < min(random_spread)
+    assert np.mean(spread) < 1
+    again = list(global_batches(np.random.default_rng(3), 1000, 8, lengths))
+    assert all(a.tolist() == b.tolist() for a, b in zip(batches, again, strict=True))
+    with pytest.raises(ValueError, match="shape"):
+        next(global_batches(rng, 1000, 8, lengths[:10]))
 
 
 def test_shards_weighted_by_loss_terms() -> None:

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from model.tokenizer import TokenizerConfig
 from training.cli import app
 from training.data import load_dataset
+from training.loop import TrainConfig
 from training.tokenize import (
     SemanticIds,
     Tokenizer,
@@ -16,6 +18,7 @@ from training.tokenize import (
     collision_rate,
     level_stats,
     successors,
+    train_tokenizer,
 )
 
 runner = CliRunner()
@@ -162,3 +165,18 @@ def test_unknown_variant_is_refused(tmp_path: Path) -> None:
     result = runner.invoke(app, ["tokenize", "--out", str(tmp_path), "--variant", "nope"])
     assert result.exit_code == 2
     assert "unknown variant" in result.output
+
+
+def test_length_grouping_is_refused_for_the_tokenizer(tmp_path: Path) -> None:
+    dataset = load_dataset()
+    config = TokenizerConfig(modalities=(("text", 512),), num_items=dataset.num_items, id_dim=0)
+    with pytest.raises(ValueError, match="group_by_length"):
+        train_tokenizer(
+            dataset,
+            config,
+            TrainConfig(group_by_length=True),
+            tmp_path / "tok",
+            modality_names=["text"],
+            device="cpu",
+        )
+    assert not (tmp_path / "tok").exists()
