@@ -194,7 +194,7 @@ def train_tokenizer(
     """Train the tokenizer on all items (behaviour from the training split only) and write the
     artifact to `out`. Returns the model and the metrics written to `metrics.json`."""
     if train_config.group_by_length:
-        raise ValueError("group_by_length is for the generative stage: tokenizers see no histories")
+        raise ValueError("group_by_length is for the generative stage: the tokenizer batches items")
     dev = resolve_device(device)
     mods = normalised_modalities(dataset, modality_names, cache_dir)
     split = leave_one_out(dataset, max_len)
