@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.data import PAD, leave_one_out, load_dataset, training_prefixes
+from training.data import history_lengths, leave_one_out, load_dataset, training_prefixes
 from training.distributed import SINGLE, global_batches
 from training.generative import Batch, load_generative
 
@@ -39,7 +39,7 @@ def main() -> None:
     dataset = load_dataset(Path(ckpt["meta"]["dataset"]))
     split = leave_one_out(dataset, model.config.max_items)
     histories, targets = training_prefixes(split.train, model.config.max_items)
-    lengths = (histories != PAD).sum(axis=1)
+    lengths = history_lengths(histories)
     batch_size = int(ckpt["train_config"]["batch_size"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     cpu = torch.device("cpu")

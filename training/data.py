@@ -224,14 +224,18 @@ def left_pad(histories: list[np.ndarray], max_len: int) -> np.ndarray:
     return out
 
 
+def history_lengths(histories: np.ndarray) -> np.ndarray:
+    """Items per row of left-padded (B, M) `histories`."""
+    lengths: np.ndarray = (histories != PAD).sum(axis=1)
+    return lengths
+
+
 def trim_padding(histories: np.ndarray) -> np.ndarray:
     """The left-padded (B, M) `histories` without the leading columns that are PAD in every row
     (one column stays when all are). For the generative model, which sees only relative
     positions and masks padding keys, the answer is the same at the cost of the batch's longest
     history instead of M; most histories are far shorter (on Beauty, a third of the training
     prefixes' slots hold an item at M = 20). Not for SASRec: its positions are absolute."""
-    if histories.shape[1] == 0:
-        return histories
     real = (histories != PAD).any(axis=0)
     first = int(real.argmax()) if real.any() else histories.shape[1] - 1
     return histories[:, first:]

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from training.data import PAD, EvalSplit
+from training.data import EvalSplit, history_lengths
 
 RECALL_KS: tuple[int, ...] = (1, 5, 10, 20)
 NDCG_KS: tuple[int, ...] = (5, 10, 20)
@@ -95,7 +95,7 @@ def evaluate(
     # Users in order of history length: every row is ranked on its own, so the order changes no
     # number, and a ranker that cuts a batch to its longest history (the generative one) runs
     # on batches of similar length.
-    order = np.argsort((split.histories != PAD).sum(axis=1), kind="stable")
+    order = np.argsort(history_lengths(split.histories), kind="stable")
     with _seeded(seed):
         for start in range(0, len(split), batch_size):
             users = order[start : start + batch_size]

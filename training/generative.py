@@ -17,7 +17,13 @@ import torch
 from torch import Tensor
 
 from model.generative import GenerativeRecommender, GenRecConfig, Trie, beam_search
-from training.data import PAD, Dataset, leave_one_out, training_prefixes, trim_padding
+from training.data import (
+    Dataset,
+    history_lengths,
+    leave_one_out,
+    training_prefixes,
+    trim_padding,
+)
 from training.distributed import SINGLE, Distributed, Shard, global_batches
 from training.evaluation import evaluate
 from training.loop import BEST, FitResult, TrainConfig, fit, load_checkpoint, resolve_device
@@ -150,7 +156,7 @@ def train_generative(
     torch.manual_seed(train_config.seed)
     model = GenerativeRecommender(model_config).to(dev)
 
-    lengths = (histories != PAD).sum(axis=1) if train_config.group_by_length else None
+    lengths = history_lengths(histories) if train_config.group_by_length else None
 
     def batches(rng: np.random.Generator) -> Iterator[Batch]:
         for rows in global_batches(rng, len(targets), train_config.batch_size, lengths):
