@@ -325,7 +325,7 @@ def bench_model(
         bundle_dir = bundle or Path(tmp) / "bundle"
         if bundle is None:
             export_bundle(run, bundle_dir, ds)
-        results = bench(
+        report = bench(
             run,
             bundle_dir,
             ds,
@@ -334,7 +334,7 @@ def bench_model(
             repeats=repeats,
             beam=beam,
         )
-    typer.echo(markdown(results))
+    typer.echo(markdown(report))
 
 
 @app.command()

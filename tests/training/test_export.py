@@ -283,12 +283,19 @@ def test_bench_measures_every_configuration(exported: tuple[Path, Path]) -> None
     from training.bench import bench, markdown
 
     run, bundle_dir = exported
-    results = bench(run, bundle_dir, load_dataset(), batches=[1, 2], ks=[1, 5], repeats=2, beam=3)
+    report = bench(run, bundle_dir, load_dataset(), batches=[1, 2], ks=[1, 5], repeats=2, beam=3)
+    results = report.timings
     assert {(r.batch, r.k, r.threads) for r in results} == {
         (b, k, t) for b in (1, 2) for k in (1, 5) for t in (1, 2)
     }
     assert all(r.eager_ms[0] > 0 and r.ort_ms[0] > 0 for r in results)
-    assert markdown(results).count("\n") == len(results) + 1
+    # the same search does more products for a larger batch, and for a larger k (wider beam)
+    gflop = {(r.batch, r.k): r.gflop for r in results}
+    assert 0 < gflop[1, 1] < gflop[2, 1]
+    assert gflop[1, 1] < gflop[1, 5]
+    assert set(report.peaks) == {1, 2}
+    assert all(rate > 0 for rate in report.peaks.values())
+    assert markdown(report).count("\n") == len(results) + 3
 
 
 def test_bundle_text_encoder_equals_the_training_encoder(
