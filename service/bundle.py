@@ -126,7 +126,8 @@ def check_export(
             )
     shapes = {
         "sids.npy": (items, *declared["sid_table"][1:]),
-        "view_codes.npy": (items, *declared["view_table"][1:]),
+        # also kept when the graph takes no view codes: items added at serving time carry them
+        "view_codes.npy": (items, *manifest["quantizer"]["outputs"]["view_codes"][1:]),
         "popularity.npy": (items,),
     }
     for name, table in tables.items():
@@ -232,10 +233,11 @@ class Bundle:
             "beam": np.array(self.beam, dtype=np.int64),
             "exclude": np.ascontiguousarray(exclude, dtype=np.int64),
             "sid_table": cat.sids,
-            "view_table": cat.view_codes,
+            "view_table": cat.view_codes,  # not an input of a model without the reweighting
             **{f"trie_{d}": t for d, t in enumerate(cat.trie)},
         }
-        items, scores = self.recommender.run(None, feed)
+        inputs = self.manifest["recommender"]["inputs"]
+        items, scores = self.recommender.run(None, {n: v for n, v in feed.items() if n in inputs})
         return items, scores
 
     def rank(self, histories: np.ndarray, k: int) -> np.ndarray:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,6 +51,9 @@ QUANTIZER = "quantizer.onnx"
 TEXT_ENCODER_ONNX = "text_encoder.onnx"
 TEXT_TOKENIZER = "text_tokenizer.json"
 RECOMMENDER_INPUTS = ("histories", "k", "beam", "exclude", "sid_table", "view_table")
+# The exporter drops a graph input nothing reads: a model without the similarity reweighting
+# ("- reweighting", TIGER's plain model) never reads the view codes.
+OPTIONAL_INPUTS = frozenset({"view_table"})
 RECOMMENDER_OUTPUTS = ("items", "scores")
 
 
@@ -203,6 +207,11 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], path: str, **kwargs: An
         )
 
 
+def graph_inputs(path: Path) -> set[str]:
+    """Input names of an exported graph, as ONNX Runtime will ask for them."""
+    return {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+
+
 def export_bundle(run: Path, out: Path, dataset: Dataset) -> dict[str, Any]:
     """Write the bundle of generative run `run` (trained on `dataset`); return its manifest."""
     model, tables, ckpt = load_generative(run)
@@ -246,6 +255,21 @@ def export_bundle(run: Path, out: Path, dataset: Dataset) -> dict[str, Any]:
         output_names=list(RECOMMENDER_OUTPUTS),
         dynamic_axes=dynamic,
     )
+
+    shapes: dict[str, list[str | int]] = {
+        "histories": ["batch", "history"],
+        "k": [],
+        "beam": [],
+        "exclude": ["batch", "excluded"],
+        "sid_table": ["items", c.sid_levels],
+        "view_table": ["items", *tables.view_codes.shape[1:]],
+        **{name: [f"prefixes_{d}", c.codebook_size] for d, name in enumerate(trie_names)},
+    }
+    taken = graph_inputs(out / RECOMMENDER)
+    if missing := set(shapes) - taken - OPTIONAL_INPUTS:
+        raise RuntimeError(f"the exported recommender lost inputs it needs: {sorted(missing)}")
+    # the manifest declares what the graph takes; the service feeds exactly that
+    recommender_inputs = {name: shape for name, shape in shapes.items() if name in taken}
 
     # quantizer.onnx
     modalities = list(tokenizer.config.modalities)
@@ -298,15 +322,7 @@ def export_bundle(run: Path, out: Path, dataset: Dataset) -> dict[str, Any]:
         "modalities": [{"name": n, "dim": d, "input": f"features_{n}"} for n, d in modalities],
         "recommender": {
             "file": RECOMMENDER,
-            "inputs": {
-                "histories": ["batch", "history"],
-                "k": [],
-                "beam": [],
-                "exclude": ["batch", "excluded"],
-                "sid_table": ["items", c.sid_levels],
-                "view_table": ["items", tables.view_codes.shape[1], tables.view_codes.shape[2]],
-                **{name: [f"prefixes_{d}", c.codebook_size] for d, name in enumerate(trie_names)},
-            },
+            "inputs": recommender_inputs,
             "outputs": {"items": ["batch", "k"], "scores": ["batch", "k"]},
         },
         "quantizer": {

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from model.generative import Trie, beam_search
 from service.bundle import Bundle, Catalogue
 from service.manifest import BundleError, sha256, space_of
+from tests.conftest import train_and_export
 from training.cli import app
 from training.data import PAD, left_pad, load_dataset, trim_padding
 from training.features import TextEncoder
@@ -110,6 +111,43 @@ def test_leading_padding_does_not_change_the_answer(exported: tuple[Path, Path])
     ort_items, ort_scores = Bundle(bundle_dir).recommend(padded, 10, padded)
     assert np.abs(ort_scores - full_scores).max() < 1e-4
     assert_same_ranking(ort_items, ort_scores, full_items)
+
+
+@pytest.fixture(scope="module")
+def exported_plain(
+    tiny_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
+    """A run of the plain model (no similarity reweighting, no s2i: TIGER's), and its bundle."""
+    return train_and_export(tmp_path_factory.mktemp("plain"), tiny_tokenizer, "--variant", "plain")
+
+
+def test_a_model_without_the_reweighting_exports_and_serves(
+    exported_plain: tuple[Path, Path],
+) -> None:
+    """Its graph reads no view codes, so the exporter drops that input: the manifest declares
+    what the graph takes, the bundle loads and feeds exactly that, and ORT equals PyTorch."""
+    run, bundle_dir = exported_plain
+    model, tables, ckpt = load_generative(run)
+    assert not model.config.reweight
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert "view_table" not in manifest["recommender"]["inputs"]
+    assert {"histories", "exclude", "sid_table", "trie_0"} <= set(manifest["recommender"]["inputs"])
+    bundle = Bundle(bundle_dir)
+    rng = np.random.default_rng(3)
+    h = histories(16, model.config.max_items, rng, len(tables.sids))
+    items, scores = bundle.recommend(h, 10, h)
+    sids, codes = tables.gather(h)
+    ref = beam_search(
+        model,
+        torch.from_numpy(sids),
+        torch.from_numpy(codes),
+        Trie.from_sids(tables.sids, model.config.codebook_size).children,
+        k=10,
+        beam=ckpt["meta"]["beam"],
+        exclude=torch.from_numpy(h),
+    )
+    assert np.abs(scores - ref.scores.numpy()).max() < 1e-4
+    assert_same_ranking(items, scores, ref.items.numpy())
 
 
 def test_the_beam_width_is_a_runtime_input(exported: tuple[Path, Path]) -> None:
