@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -55,12 +55,26 @@ class TrainConfig:
     # Batches of similar history length, each cut to its longest history: the generative stage
     # only (`training.distributed.global_batches`); SASRec's windows are all full length.
     group_by_length: bool = False
+    # "cosine": epoch e trains at lr * (1 + cos(pi * (e - 1) / epochs)) / 2, from lr down to
+    # nearly 0 at the last planned epoch (`lr_factor`); "constant" keeps lr throughout.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1 or self.patience < 1:
             raise ValueError(f"invalid TrainConfig {self}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(
+                f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
+            )
+
+    def lr_factor(self, epoch: int) -> float:
+        """The learning rate of `epoch` (1-based) over `lr`. A function of the epoch alone, so a
+        resumed run continues the schedule; it is planned over `epochs` as configured now."""
+        if self.lr_schedule == "constant":
+            return 1.0
+        return (1 + math.cos(math.pi * (epoch - 1) / self.epochs)) / 2
 
 
 @dataclass
@@ -241,6 +255,9 @@ def fit(
         if bad_evals >= config.patience:  # a resumed run that had already stopped early
             break
         model.train()
+        lr = config.lr * config.lr_factor(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         total, count = 0.0, 0
         bar = tqdm(batches(rng), desc=f"epoch {epoch}", leave=False, disable=not progress)
         for batch in bar:
@@ -258,7 +275,11 @@ def fit(
             bar.set_postfix(loss=f"{total / count:.4f}")
         # every rank ran the same number of global batches; the mean of the ranks' scaled losses
         # is the global batch's loss
-        record: dict[str, float] = {"epoch": float(epoch), "loss": dist.mean(total) / max(count, 1)}
+        record: dict[str, float] = {
+            "epoch": float(epoch),
+            "loss": dist.mean(total) / max(count, 1),
+            "lr": lr,
+        }
         if on_epoch_end is not None:
             record |= on_epoch_end(epoch)
         metrics: dict[str, float] | None = None

@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -25,7 +26,13 @@ def new_model() -> SASRec:
     return SASRec(SASRecConfig(num_items=20, max_len=5, dim=8, heads=2, layers=1, dropout=0.3))
 
 
-def run(model: SASRec, run_dir: Path, epochs: int, metric: list[float] | None = None) -> None:
+def run(
+    model: SASRec,
+    run_dir: Path,
+    epochs: int,
+    metric: list[float] | None = None,
+    schedule: Literal["constant", "cosine"] = "constant",
+) -> None:
     values = iter(metric or [])
 
     def validate() -> dict[str, float]:
@@ -41,7 +48,7 @@ def run(model: SASRec, run_dir: Path, epochs: int, metric: list[float] | None = 
         loss_fn=model.loss,
         batches=batches,
         validate=validate,
-        config=TrainConfig(epochs=epochs, patience=2, seed=3),
+        config=TrainConfig(epochs=epochs, patience=2, seed=3, lr_schedule=schedule),
         run_dir=run_dir,
         meta={"kind": "test"},
         progress=False,
@@ -94,3 +101,34 @@ def test_non_checkpoint_is_refused(tmp_path: Path) -> None:
     torch.save({"state_dict": {}}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="not a bbqrec checkpoint"):
         load_checkpoint(tmp_path / "x.pt")
+
+
+def test_cosine_schedule_decays_from_lr_to_nearly_zero() -> None:
+    config = TrainConfig(epochs=4, lr=0.1, lr_schedule="cosine")
+    factors = [config.lr_factor(e) for e in range(1, 5)]
+    assert factors == pytest.approx([1.0, (1 + 2**-0.5) / 2, 0.5, (1 - 2**-0.5) / 2])
+    assert TrainConfig(epochs=4).lr_factor(4) == 1.0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")  # type: ignore[arg-type]
+
+
+def test_the_optimiser_follows_the_schedule_and_a_resume_continues_it(tmp_path: Path) -> None:
+    """Each epoch trains at its scheduled rate (recorded in the history); a run that dies in
+    its third epoch and is resumed ends bit-equal to a straight one."""
+    straight = new_model()
+    run(straight, tmp_path / "a", epochs=4, metric=[1, 2, 3, 4], schedule="cosine")
+    a = load_checkpoint(tmp_path / "a" / LAST)
+    config = TrainConfig(epochs=4, lr_schedule="cosine")
+    lrs = [h["lr"] for h in a["history"]]
+    assert lrs == pytest.approx([1e-3 * config.lr_factor(e) for e in (1, 2, 3, 4)])
+    assert a["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lrs[-1])
+
+    resumed = new_model()
+    with pytest.raises(StopIteration):  # no metric left for epoch 3's validation: a crash
+        run(resumed, tmp_path / "b", epochs=4, metric=[1, 2], schedule="cosine")
+    assert load_checkpoint(tmp_path / "b" / LAST)["epoch"] == 2
+    run(new_model(), tmp_path / "b", epochs=4, metric=[3, 4], schedule="cosine")
+    b = load_checkpoint(tmp_path / "b" / LAST)
+    assert [h["lr"] for h in b["history"]] == lrs
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
