@@ -1,0 +1,65 @@
+"""scripts/profile_bundle.py on the test bundle: op-type shares that add up, and the reading of
+a profile file on a crafted case."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parents[2] / "scripts" / "profile_bundle.py"
+sys.path.insert(0, str(SCRIPT.parent))
+
+from profile_bundle import kernel_times  # noqa: E402  (scripts/ is not a package)
+
+
+def test_kernel_times_sum_the_kernel_events(tmp_path: Path) -> None:
+    events = [
+        {"cat": "Node", "name": "/MatMul_1_kernel_time", "dur": 30, "args": {"op_name": "MatMul"}},
+        {"cat": "Node", "name": "/MatMul_2_kernel_time", "dur": 10, "args": {"op_name": "MatMul"}},
+        {"cat": "Node", "name": "/MatMul_1_kernel_time", "dur": 5, "args": {"op_name": "MatMul"}},
+        {"cat": "Node", "name": "/Add_kernel_time", "dur": 7, "args": {"op_name": "Add"}},
+        {"cat": "Node", "name": "/Add_fence_before", "dur": 99, "args": {"op_name": "Add"}},
+        {"cat": "Session", "name": "model_run", "dur": 1000},
+    ]
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(events))
+    by_type, by_node = kernel_times(path)
+    assert by_type == {"MatMul": 45, "Add": 7}
+    assert by_node == {"/MatMul_1": 35, "/MatMul_2": 10, "/Add": 7}
+
+
+def table(lines: list[str], header: str) -> dict[str, float]:
+    """The rows of the markdown table under `header`: name -> share in %."""
+    start = lines.index(header) + 2
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("| ") or line == "| node | share |":
+            break
+        name, share = line.strip("| ").split(" | ")
+        rows[name] = float(share.rstrip(" %"))
+    return rows
+
+
+def test_a_profile_of_the_test_bundle(exported: tuple[Path, Path]) -> None:
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        str(exported[1]),
+        "--batch",
+        "8",
+        "--k",
+        "10",
+        "--top",
+        "100",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[1].startswith("kernel time per call: ")
+    ops = table(lines, "| op type | share |")
+    assert list(ops.values()) == sorted(ops.values(), reverse=True)
+    assert 0 < sum(ops.values()) <= 100.1
+    assert {"MatMul", "TopK", "Softmax"} <= set(ops)  # the whole search runs inside the graph
+    assert table(lines, "| node | share |")
