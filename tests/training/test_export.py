@@ -48,18 +48,13 @@ def assert_same_ranking(items: np.ndarray, scores: np.ndarray, ref_items: np.nda
             assert row[groups[-1]].tolist() == ref[groups[-1]].tolist()
 
 
-@pytest.mark.parametrize("batch", [1, 7, 64])
-@pytest.mark.parametrize("k", [1, 10, 100])
-def test_onnx_runtime_equals_pytorch_beam_search(
-    exported: tuple[Path, Path], batch: int, k: int
-) -> None:
-    run, bundle_dir = exported
+def assert_bundle_equals_eager(
+    run: Path, bundle_dir: Path, h: np.ndarray, k: int, exclude: np.ndarray
+) -> np.ndarray:
+    """The bundle's top-k through ONNX Runtime equals the run's PyTorch beam search (scores
+    within 1e-4, ranks up to ties); returns the bundle's items."""
     model, tables, ckpt = load_generative(run)
-    bundle = Bundle(bundle_dir)
-    rng = np.random.default_rng(batch * 1000 + k)
-    h = histories(batch, model.config.max_items, rng, len(tables.sids))
-    exclude = np.where(rng.random(h.shape) < 0.5, h, PAD)
-    items, scores = bundle.recommend(h, k, exclude)
+    items, scores = Bundle(bundle_dir).recommend(h, k, exclude)
     sids, codes = tables.gather(h)
     ref = beam_search(
         model,
@@ -70,9 +65,23 @@ def test_onnx_runtime_equals_pytorch_beam_search(
         beam=max(ckpt["meta"]["beam"], k),
         exclude=torch.from_numpy(exclude),
     )
-    assert items.shape == (batch, k)
     assert np.abs(scores - ref.scores.numpy()).max() < 1e-4
     assert_same_ranking(items, scores, ref.items.numpy())
+    return items
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_onnx_runtime_equals_pytorch_beam_search(
+    exported: tuple[Path, Path], batch: int, k: int
+) -> None:
+    run, bundle_dir = exported
+    model, tables, _ = load_generative(run)
+    rng = np.random.default_rng(batch * 1000 + k)
+    h = histories(batch, model.config.max_items, rng, len(tables.sids))
+    exclude = np.where(rng.random(h.shape) < 0.5, h, PAD)
+    items = assert_bundle_equals_eager(run, bundle_dir, h, k, exclude)
+    assert items.shape == (batch, k)
     for row, ex in zip(items, exclude, strict=True):
         assert not set(row.tolist()) & set(ex[ex >= 0].tolist())
 
@@ -127,27 +136,13 @@ def test_a_model_without_the_reweighting_exports_and_serves(
     """Its graph reads no view codes, so the exporter drops that input: the manifest declares
     what the graph takes, the bundle loads and feeds exactly that, and ORT equals PyTorch."""
     run, bundle_dir = exported_plain
-    model, tables, ckpt = load_generative(run)
+    model, tables, _ = load_generative(run)
     assert not model.config.reweight
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     assert "view_table" not in manifest["recommender"]["inputs"]
     assert {"histories", "exclude", "sid_table", "trie_0"} <= set(manifest["recommender"]["inputs"])
-    bundle = Bundle(bundle_dir)
-    rng = np.random.default_rng(3)
-    h = histories(16, model.config.max_items, rng, len(tables.sids))
-    items, scores = bundle.recommend(h, 10, h)
-    sids, codes = tables.gather(h)
-    ref = beam_search(
-        model,
-        torch.from_numpy(sids),
-        torch.from_numpy(codes),
-        Trie.from_sids(tables.sids, model.config.codebook_size).children,
-        k=10,
-        beam=ckpt["meta"]["beam"],
-        exclude=torch.from_numpy(h),
-    )
-    assert np.abs(scores - ref.scores.numpy()).max() < 1e-4
-    assert_same_ranking(items, scores, ref.items.numpy())
+    h = histories(16, model.config.max_items, np.random.default_rng(3), len(tables.sids))
+    assert_bundle_equals_eager(run, bundle_dir, h, 10, h)
 
 
 def test_the_beam_width_is_a_runtime_input(exported: tuple[Path, Path]) -> None:
