@@ -6,11 +6,20 @@
 # TOK_EPOCHS (default 100) sets the tokenizer's epochs: 30 on Beauty/Sports (24-36 steps an epoch)
 # gives about the step count of 100 on Scientific-mm (4 steps an epoch).
 # MODELS and SEEDS (space-separated) pick a subset, e.g. MODELS="bbqrec tiger" SEEDS="0 1 2".
+# CONFIG (a JSON of 'model'/'train' overrides) and EPOCHS go to every `bbqrec train`; TAG names
+# the run group instead of PROFILE (runs/generative/TAG/NAME/MODEL/seedS), e.g. the recipe of
+# docs/RESULTS.md for training to convergence on CPUs:
+#   echo '{"train": {"group_by_length": true, "lr_schedule": "cosine"}}' > runs/grouped-cosine.json
+#   TAG=quick-grouped-cosine-e30 CONFIG=runs/grouped-cosine.json EPOCHS=30 bash scripts/generative_results.sh quick ...
 # Every stage resumes: rerunning after an interruption continues where it stopped.
 set -euo pipefail
 profile=$1 name=$2 dir=$3 runs=${4:-runs}
 sasrec=$runs/sasrec/$name/seed0
 tok_epochs=${TOK_EPOCHS:-100}
+group=${TAG:-$profile}
+train_args=()
+[ -n "${CONFIG:-}" ] && train_args+=(--config "$CONFIG")
+[ -n "${EPOCHS:-}" ] && train_args+=(--epochs "$EPOCHS")
 # model -> "tokenizer-variant generative-variant"
 declare -A models=(
   [tiger]="tiger plain"
@@ -29,10 +38,10 @@ for model in ${MODELS:-tiger bbqrec no-club no-shared-codebook no-zid no-reweigh
       --epochs "$tok_epochs" --out "$tok" --no-progress
   fi
   for seed in ${SEEDS:-0 1 2}; do
-    out=$runs/generative/$profile/$name/$model/seed$seed
+    out=$runs/generative/$group/$name/$model/seed$seed
     [ -f "$out/results.json" ] && continue
     bbqrec train --dataset "$dir" --tokenizer "$tok" --profile "$profile" --variant "$gen_variant" \
-      --seed "$seed" --out "$out" --no-progress
+      --seed "$seed" --out "$out" --no-progress ${train_args[@]+"${train_args[@]}"}
   done
 done
-python scripts/summarize_runs.py "$runs"/generative/"$profile"/"$name"/*/
+python scripts/summarize_runs.py "$runs"/generative/"$group"/"$name"/*/
