@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
-from training.data import EMBEDDED_DATASET, Dataset, DatasetError, leave_one_out, load_dataset
+from training.data import (
+    EMBEDDED_DATASET,
+    PROBE_SPLITS,
+    Dataset,
+    DatasetError,
+    leave_one_out,
+    load_dataset,
+    probe_split,
+)
 from training.evaluation import NDCG_KS, RECALL_KS
 
 if TYPE_CHECKING:
@@ -202,7 +210,13 @@ def evaluate(
     bundle: Annotated[
         Path | None, typer.Option(help="Exported bundle: evaluated through ONNX Runtime.")
     ] = None,
-    split: Annotated[str, typer.Option(help="valid | test")] = "test",
+    split: Annotated[
+        str,
+        typer.Option(
+            help="valid | test, or a diagnostic split: train-last (the last training target) "
+            "| test-skip-valid (the test target without the validation item in the history)."
+        ),
+    ] = "test",
     dataset: Annotated[
         Path | None, typer.Option(help="Dataset (default: the one the run was trained on).")
     ] = None,
@@ -229,8 +243,8 @@ def evaluate(
     from training.loop import BEST, load_checkpoint
     from training.sasrec import SASRecRanker, load_sasrec
 
-    if split not in ("valid", "test"):
-        raise _fail(f"--split must be 'valid' or 'test', got {split!r}")
+    if split not in ("valid", "test", *PROBE_SPLITS):
+        raise _fail(f"--split must be one of valid, test, {', '.join(PROBE_SPLITS)}: {split!r}")
     if (run is None) == (bundle is None):
         raise _fail("give exactly one of --run and --bundle")
     ranker: Ranker
@@ -268,10 +282,14 @@ def evaluate(
             max_len = gen.config.max_items
         else:
             raise _fail(f"{run}: cannot evaluate a run of kind {meta['kind']!r}")
-    loo = leave_one_out(ds, max_len)
+    if split in PROBE_SPLITS:
+        chosen = probe_split(ds, split, max_len)
+    else:
+        loo = leave_one_out(ds, max_len)
+        chosen = loo.test if split == "test" else loo.valid
     metrics = evaluate_ranker(
         ranker,
-        loo.test if split == "test" else loo.valid,
+        chosen,
         recall_ks=sorted({c for c in RECALL_KS if c <= k} | {k}),
         ndcg_ks=sorted({c for c in NDCG_KS if c <= k} | {k}),
     )

@@ -296,6 +296,29 @@ def leave_one_out(dataset: Dataset, max_len: int = 20) -> Split:
     return Split(train=tuple(train), valid=valid, test=test, max_len=max_len)
 
 
+# Diagnostic splits over the evaluated users (never for model selection): where a model's
+# validation-to-test drop comes from.
+PROBE_SPLITS = ("train-last", "test-skip-valid")
+
+
+def probe_split(dataset: Dataset, name: str, max_len: int = 20) -> EvalSplit:
+    """`train-last`: history s[:-3], target s[-3], the last training target (seen in training);
+    `test-skip-valid`: history s[:-2], target s[-1], the test target two steps ahead, without
+    the validation item in the history. Same users as `leave_one_out`'s valid and test."""
+    offsets = {"train-last": (3, 3), "test-skip-valid": (2, 1)}
+    if name not in offsets:
+        raise ValueError(f"unknown probe split {name!r}; choose from {PROBE_SPLITS}")
+    cut, target = offsets[name]
+    users = [u for u, seq in enumerate(dataset.sequences) if len(seq) >= 3]
+    seqs = [dataset.sequences[u] for u in users]
+    return EvalSplit(
+        name=name,
+        users=np.array(users, dtype=np.int64),
+        histories=left_pad([s[:-cut] for s in seqs], max_len),
+        targets=np.array([s[-target] for s in seqs], dtype=np.int64),
+    )
+
+
 def training_prefixes(train: tuple[np.ndarray, ...], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Every prefix of every training sequence as one example.
 

@@ -73,6 +73,15 @@ def test_train_then_evaluate_reproduces_the_recorded_test_metrics(
     result = runner.invoke(app, ["evaluate", "--run", str(out), "--beam", "5"])
     assert result.exit_code != 0
     assert "not SASRec" in result.output
+    # a diagnostic split: the same users, other histories and targets
+    result = runner.invoke(app, ["evaluate", "--run", str(out), "--split", "test-skip-valid"])
+    assert result.exit_code == 0, result.output
+    probe = json.loads(result.output)
+    assert probe["users"] == recorded["test"]["users"]
+    assert probe != recorded["test"]
+    result = runner.invoke(app, ["evaluate", "--run", str(out), "--split", "train"])
+    assert result.exit_code != 0
+    assert "train-last" in result.output
 
 
 def test_unknown_config_field_is_refused(dataset_dir: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from training.data import (
     leave_one_out,
     left_pad,
     load_dataset,
+    probe_split,
     training_prefixes,
     training_windows,
     trim_padding,
@@ -154,6 +155,21 @@ def test_leave_one_out_split(tiny: Path) -> None:
     assert split.test.histories.tolist() == [[1, 2], [1, 2]]
     assert split.valid.histories.tolist() == [[0, 1], [PAD, 1]]
     assert [t.tolist() for t in split.train] == [[0, 1], [1], [4, 0]]
+
+
+def test_probe_splits_take_the_evaluated_users_at_other_offsets(tiny: Path) -> None:
+    ds = load_dataset(tiny)
+    loo = leave_one_out(ds, max_len=2)
+    last = probe_split(ds, "train-last", max_len=2)
+    skip = probe_split(ds, "test-skip-valid", max_len=2)
+    assert last.users.tolist() == skip.users.tolist() == loo.test.users.tolist() == [0, 1]
+    # u1 = a b c d: the last training target b after a; the test target d after a b
+    assert last.targets.tolist() == [1, 1]
+    assert last.histories.tolist() == [[PAD, 0], [PAD, PAD]]
+    assert skip.targets.tolist() == loo.test.targets.tolist()
+    assert skip.histories.tolist() == loo.valid.histories.tolist()
+    with pytest.raises(ValueError, match="unknown probe split"):
+        probe_split(ds, "valid")
 
 
 def test_split_never_trains_on_validation_or_test_items(tiny: Path) -> None:
