@@ -60,6 +60,7 @@ def test_a_profile_of_the_test_bundle(exported: tuple[Path, Path]) -> None:
     assert lines[1].startswith("kernel time per call: ")
     ops = table(lines, "| op type | share |")
     assert list(ops.values()) == sorted(ops.values(), reverse=True)
-    assert 0 < sum(ops.values()) <= 100.1
+    # every op type is listed (--top 100): the shares add up to 100 %, each rounded to 0.1
+    assert abs(sum(ops.values()) - 100) <= 0.05 * len(ops) + 1e-6
     assert {"MatMul", "TopK", "Softmax"} <= set(ops)  # the whole search runs inside the graph
     assert table(lines, "| node | share |")
