@@ -179,6 +179,9 @@ class Bundle:
         # Items added under another tokenizer that this bundle cannot quantize (not looked up
         # again while it serves).
         self.unplaced: set[str] = set()
+        # what the graph takes (checked against the graph below): a model without the
+        # similarity reweighting takes no view codes
+        self.recommender_inputs = frozenset(m["recommender"]["inputs"])
         self.beam = int(m["beam"]) if beam is None else beam
         if self.beam < 1:
             raise ValueError(f"beam must be >= 1, got {self.beam}")
@@ -233,11 +236,11 @@ class Bundle:
             "beam": np.array(self.beam, dtype=np.int64),
             "exclude": np.ascontiguousarray(exclude, dtype=np.int64),
             "sid_table": cat.sids,
-            "view_table": cat.view_codes,  # not an input of a model without the reweighting
+            "view_table": cat.view_codes,
             **{f"trie_{d}": t for d, t in enumerate(cat.trie)},
         }
-        inputs = self.manifest["recommender"]["inputs"]
-        items, scores = self.recommender.run(None, {n: v for n, v in feed.items() if n in inputs})
+        taken = {name: value for name, value in feed.items() if name in self.recommender_inputs}
+        items, scores = self.recommender.run(None, taken)
         return items, scores
 
     def rank(self, histories: np.ndarray, k: int) -> np.ndarray:
