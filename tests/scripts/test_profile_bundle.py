@@ -15,19 +15,26 @@ from profile_bundle import kernel_times  # noqa: E402  (scripts/ is not a packag
 
 
 def test_kernel_times_sum_the_kernel_events(tmp_path: Path) -> None:
+    def node(name: str, ts: int, dur: int, op: str) -> dict[str, object]:
+        return {"cat": "Node", "name": name, "ts": ts, "dur": dur, "args": {"op_name": op}}
+
     events = [
-        {"cat": "Node", "name": "/MatMul_1_kernel_time", "dur": 30, "args": {"op_name": "MatMul"}},
-        {"cat": "Node", "name": "/MatMul_2_kernel_time", "dur": 10, "args": {"op_name": "MatMul"}},
-        {"cat": "Node", "name": "/MatMul_1_kernel_time", "dur": 5, "args": {"op_name": "MatMul"}},
-        {"cat": "Node", "name": "/Add_kernel_time", "dur": 7, "args": {"op_name": "Add"}},
-        {"cat": "Node", "name": "/Add_fence_before", "dur": 99, "args": {"op_name": "Add"}},
-        {"cat": "Session", "name": "model_run", "dur": 1000},
+        {"cat": "Session", "name": "model_run", "ts": 0, "dur": 100},  # the warm-up
+        node("/MatMul_1_kernel_time", 10, 500, "MatMul"),
+        {"cat": "Session", "name": "model_run", "ts": 200, "dur": 100},
+        node("/MatMul_1_kernel_time", 210, 30, "MatMul"),
+        node("/MatMul_2_kernel_time", 220, 10, "MatMul"),
+        node("/Add_fence_before", 230, 99, "Add"),
+        {"cat": "Session", "name": "model_run", "ts": 400, "dur": 100},
+        node("/MatMul_1_kernel_time", 410, 5, "MatMul"),
+        node("/Add_kernel_time", 420, 7, "Add"),
     ]
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(events))
-    by_type, by_node = kernel_times(path)
+    by_type, by_node = kernel_times(path, skip_runs=1)
     assert by_type == {"MatMul": 45, "Add": 7}
     assert by_node == {"/MatMul_1": 35, "/MatMul_2": 10, "/Add": 7}
+    assert kernel_times(path)[0] == {"MatMul": 545, "Add": 7}
 
 
 def table(lines: list[str], header: str) -> dict[str, float]:
