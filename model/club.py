@@ -7,6 +7,11 @@ vCLUB with a Gaussian variational q(y | x) = N(mu(x), diag(exp(logvar(x)))):
 estimated in-batch (positives: matching rows; negatives: all pairs). Two separate steps:
 `log_likelihood` is *maximised* by the estimator's own optimiser on detached samples so q
 tracks p(y|x); `mi_upper_bound` is *minimised* by the main model, with the estimator frozen.
+
+The estimate is clamped at zero. Mutual information is never negative, so a negative estimate
+only says that q lags behind the encoders; unclamped, the encoders can drive it without limit
+(scaling y up against mu(x)) faster than q follows. On Sports that ran the estimate to -5,000
+within 15 epochs and collapsed the tokenizer's first code level (docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ class CLUB(nn.Module):
         return ll
 
     def mi_upper_bound(self, x: Tensor, y: Tensor) -> Tensor:
-        """In-batch vCLUB estimate of I(x; y); differentiable in x and y."""
+        """In-batch vCLUB estimate of I(x; y), clamped at 0; differentiable in x and y where
+        positive (zero gradient once the estimate says independent)."""
         mu, logvar = self.mu(x), self.logvar(x)  # (B, Dy)
         var = logvar.exp()
         positive = -((mu - y) ** 2) / var / 2.0  # (B, Dy)
         # E_j (y_j - mu_i)^2 = (mu_i - E y)^2 + Var y, per dimension: O(B * Dy), not O(B^2 * Dy)
         y_mean, y_sq_mean = y.mean(dim=0, keepdim=True), (y**2).mean(dim=0, keepdim=True)
         negative = -((mu - y_mean) ** 2 + y_sq_mean - y_mean**2) / var / 2.0  # (B, Dy)
-        bound: Tensor = (positive.sum(dim=1) - negative.sum(dim=1)).mean()
+        bound: Tensor = (positive.sum(dim=1) - negative.sum(dim=1)).mean().clamp(min=0.0)
         return bound
