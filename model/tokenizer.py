@@ -88,7 +88,10 @@ def info_nce(a: Tensor, b: Tensor, temperature: float) -> Tensor:
 
 class TokenizerOutput(NamedTuple):
     loss: Tensor  # () weighted total for the main optimiser
-    parts: dict[str, Tensor]  # always the same keys: recon, rq, club, align, anchor
+    # always the same keys: recon, rq, club, align, anchor (the loss terms), and two CLUB
+    # diagnostics outside the loss: club_raw (the unclamped estimate) and club_clamped (the share
+    # of modalities whose estimate was negative in this batch, so the clamp took its gradient)
+    parts: dict[str, Tensor]
     codes: Tensor  # (B, L) codes of the fused view
 
 
@@ -230,7 +233,9 @@ class BBQTokenizer(nn.Module):
         (a successor of -1 means the item has none and is left out of the anchor term)."""
         c = self.config
         zero = features[self.names[0]].new_zeros(())
-        parts = dict.fromkeys(("recon", "rq", "club", "align", "anchor"), zero)
+        parts = dict.fromkeys(
+            ("recon", "rq", "club", "align", "anchor", "club_raw", "club_clamped"), zero
+        )
 
         views = self.behaviour_views(features, items)
         fused = self.fuse(views)
@@ -253,8 +258,13 @@ class BBQTokenizer(nn.Module):
                     parts["recon"] + F.mse_loss(recon, features[m], reduction="none").sum(-1).mean()
                 )
                 if c.club:
-                    parts["club"] = parts["club"] + self.estimator(m).mi_upper_bound(
-                        views[m], specific
+                    estimator = self.estimator(m)
+                    parts["club"] = parts["club"] + estimator.mi_upper_bound(views[m], specific)
+                    with torch.no_grad():
+                        raw = estimator.estimate(views[m], specific)
+                    parts["club_raw"] = parts["club_raw"] + raw
+                    parts["club_clamped"] = parts["club_clamped"] + (raw < 0).float() / len(
+                        self.names
                     )
             if c.contrastive:
                 names = list(quantized)

@@ -8,6 +8,8 @@ Artifact directory (`bbqrec tokenize --out DIR`):
 - `sid_index.npz`: the reverse table, SIDs sorted lexicographically and the item of each
 - `metrics.json`: per-level utilisation and perplexity, collisions before/after the extra
   level, quantization error, per-epoch loss parts (reconstruction, CLUB, alignment, anchor)
+  and the CLUB diagnostics (`train_club_raw`, the unclamped estimate; `train_club_clamped`, the
+  share of batches and modalities where the clamp at zero was active)
 - `code_usage.png`, `losses.png`: per-level code usage; loss curves
 """
 

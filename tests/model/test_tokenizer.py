@@ -34,7 +34,7 @@ def test_every_variant_returns_the_same_typed_output(variant: str) -> None:
     model = BBQTokenizer(config(**VARIANTS[variant]))
     feats, items = batch()
     out = model(feats, items, feats, torch.roll(items, 1))
-    assert set(out.parts) == {"recon", "rq", "club", "align", "anchor"}
+    assert set(out.parts) == {"recon", "rq", "club", "align", "anchor", "club_raw", "club_clamped"}
     assert out.codes.shape == (8, 2)
     assert torch.isfinite(out.loss)
     out.loss.backward()
@@ -62,6 +62,22 @@ def test_club_estimator_is_not_stepped_by_the_main_optimiser() -> None:
     main = {id(p) for p in model.main_parameters()}
     assert all(id(p) not in main for p in model.estimator_parameters())
     assert len(model.estimator_parameters()) > 0
+
+
+def test_club_term_is_the_clamped_estimate_and_the_raw_one_is_logged_beside_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = BBQTokenizer(config())
+    fixed = {"text": -2.0, "image": 3.0}  # one modality clamped, one not
+    for m, value in fixed.items():
+        est = model.estimator(m)
+        monkeypatch.setattr(est, "estimate", lambda x, y, v=value: x.sum() * 0.0 + v)
+    feats, items = batch()
+    parts = model(feats, items).parts
+    assert float(parts["club"]) == pytest.approx(3.0)
+    assert float(parts["club_raw"]) == pytest.approx(1.0)
+    assert float(parts["club_clamped"]) == pytest.approx(0.5)
+    assert not parts["club_raw"].requires_grad  # a diagnostic, never part of the loss
 
 
 def test_cold_start_codes_need_no_item_and_are_deterministic() -> None:

@@ -138,7 +138,9 @@ def test_tokenize_end_to_end_on_the_bundled_dataset(tmp_path: Path) -> None:
     assert all(0 < lv["utilisation"] <= 1 for lv in metrics["levels"])
     assert set(metrics["reconstruction_error"]) == {"clip_vitb32_image", "clip_vitb32_text"}
     assert len(metrics["curves"]) == 2
-    assert {"train_club", "train_align", "train_recon"} <= set(metrics["curves"][0])
+    curve = metrics["curves"][0]
+    assert {"train_club", "train_align", "train_recon", "train_club_raw"} <= set(curve)
+    assert 0.0 <= curve["train_club_clamped"] <= 1.0
 
     tok = Tokenizer(out)
     ds = load_dataset()
