@@ -55,14 +55,33 @@ def _load(path: Path) -> Dataset:
         raise _fail(str(e)) from e
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware() -> dict[str, Any]:
-    """What a result was measured on, stored next to every result."""
+    """What a result was measured on, stored next to every result.
+
+    The CPU model and the SIMD level torch dispatches to are recorded because CPU results are
+    bitwise reproducible on one machine but not across CPU families (other kernels, other
+    rounding): a rerun on another CPU gives close, not identical, figures.
+    """
     import torch
 
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
