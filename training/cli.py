@@ -70,9 +70,9 @@ def cpu_model() -> str:
 def hardware() -> dict[str, Any]:
     """What a result was measured on, stored next to every result.
 
-    The CPU model and the SIMD level torch dispatches to are recorded because CPU results are
-    bitwise reproducible on one machine but not across CPU families (other kernels, other
-    rounding): a rerun on another CPU gives close, not identical, figures.
+    The CPU model and the SIMD level torch dispatches to are recorded because a seeded CPU run
+    repeats bit for bit on one machine, while the same command on another VM has given close,
+    not identical, figures (other kernels, other rounding; docs/RESULTS.md).
     """
     import torch
 
