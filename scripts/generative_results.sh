@@ -11,6 +11,12 @@
 # docs/RESULTS.md for training to convergence on CPUs:
 #   echo '{"train": {"group_by_length": true, "lr_schedule": "cosine"}}' > runs/grouped-cosine.json
 #   TAG=quick-grouped-cosine-e30 CONFIG=runs/grouped-cosine.json EPOCHS=30 bash scripts/generative_results.sh quick ...
+# TIME_BUDGET (seconds) caps each run's training (`bbqrec train --time-budget`): the epoch that
+# crosses it is validated and is the last. PARALLEL=1 trains every (model, seed) side by side, each
+# logging to its run directory's train.log: on a GPU, small models launched together keep it busier
+# than one at a time (the tokenizers still train first, one by one), e.g. the full profile on a
+# lent GPU, six runs for 6 minutes each:
+#   TIME_BUDGET=360 PARALLEL=1 TAG=full-gpu MODELS="bbqrec tiger" bash scripts/generative_results.sh full ...
 # Every stage resumes: rerunning after an interruption continues where it stopped.
 set -euo pipefail
 profile=$1 name=$2 dir=$3 runs=${4:-runs}
@@ -20,6 +26,7 @@ group=${TAG:-$profile}
 train_args=()
 [ -n "${CONFIG:-}" ] && train_args+=(--config "$CONFIG")
 [ -n "${EPOCHS:-}" ] && train_args+=(--epochs "$EPOCHS")
+[ -n "${TIME_BUDGET:-}" ] && train_args+=(--time-budget "$TIME_BUDGET")
 # model -> "tokenizer-variant generative-variant"
 declare -A models=(
   [tiger]="tiger plain"
@@ -30,18 +37,34 @@ declare -A models=(
   [no-reweight]="bbqrec no-reweight"
   [no-s2i]="bbqrec no-s2i"
 )
-for model in ${MODELS:-tiger bbqrec no-club no-shared-codebook no-zid no-reweight no-s2i}; do
-  read -r tok_variant gen_variant <<< "${models[$model]}"
+selected=(${MODELS:-tiger bbqrec no-club no-shared-codebook no-zid no-reweight no-s2i})
+for model in "${selected[@]}"; do
+  read -r tok_variant _ <<< "${models[$model]}"
   tok=$runs/tok/$name/$tok_variant
   if [ ! -f "$tok/tokenizer.pt" ]; then
     bbqrec tokenize --dataset "$dir" --variant "$tok_variant" --sasrec "$sasrec" \
       --epochs "$tok_epochs" --out "$tok" --no-progress
   fi
+done
+pids=()
+for model in "${selected[@]}"; do
+  read -r tok_variant gen_variant <<< "${models[$model]}"
   for seed in ${SEEDS:-0 1 2}; do
     out=$runs/generative/$group/$name/$model/seed$seed
     [ -f "$out/results.json" ] && continue
-    bbqrec train --dataset "$dir" --tokenizer "$tok" --profile "$profile" --variant "$gen_variant" \
-      --seed "$seed" --out "$out" --no-progress ${train_args[@]+"${train_args[@]}"}
+    run=(bbqrec train --dataset "$dir" --tokenizer "$runs/tok/$name/$tok_variant"
+      --profile "$profile" --variant "$gen_variant" --seed "$seed" --out "$out" --no-progress
+      ${train_args[@]+"${train_args[@]}"})
+    if [ "${PARALLEL:-0}" = 1 ]; then
+      mkdir -p "$out"
+      "${run[@]}" > "$out/train.log" 2>&1 &
+      pids+=($!)
+    else
+      "${run[@]}"
+    fi
   done
 done
+failed=0
+for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid" || failed=1; done
+[ "$failed" = 0 ] || { echo "a parallel run failed: see its train.log" >&2; exit 1; }
 python scripts/summarize_runs.py "$runs"/generative/"$group"/"$name"/*/

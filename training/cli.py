@@ -41,6 +41,13 @@ DatasetArg = Annotated[
 DatasetOpt = Annotated[
     Path, typer.Option("--dataset", help="Dataset directory (default: the embedded one).")
 ]
+TimeBudgetOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Overrides train.time_budget_s: stop after the epoch that crosses this many "
+        "seconds of training, validated, then test."
+    ),
+]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -88,6 +95,7 @@ def hardware() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda_version"] = torch.version.cuda
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         info["world_size"] = torch.distributed.get_world_size()
         info["backend"] = torch.distributed.get_backend()
@@ -109,6 +117,7 @@ def write_results(
         "config": config,
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
+        "stopped_by": result.stopped_by,
         "valid": result.best_metrics,
         "test": test,
         "train_wall_seconds": round(result.wall_seconds, 1),
@@ -197,6 +206,7 @@ def train_sasrec_cmd(
     config: Annotated[Path | None, typer.Option(help="JSON with 'model'/'train' sections.")] = None,
     seed: Annotated[int | None, typer.Option(help="Overrides train.seed.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Overrides train.epochs.")] = None,
+    time_budget: TimeBudgetOpt = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
@@ -210,7 +220,9 @@ def train_sasrec_cmd(
     ds = _load(dataset)
     cfg = read_config_file(config)
     model_cfg = build_config(SASRecConfig, cfg.get("model", {}), num_items=ds.num_items)
-    train_cfg = build_config(TrainConfig, cfg.get("train", {}), seed=seed, epochs=epochs)
+    train_cfg = build_config(
+        TrainConfig, cfg.get("train", {}), seed=seed, epochs=epochs, time_budget_s=time_budget
+    )
     start = time.perf_counter()
     with launched(device) as dist:
         _, result, test = train_sasrec(
@@ -465,6 +477,7 @@ def train(
     beam: Annotated[int, typer.Option(help="Beam width for ranking (>= 20).")] = 20,
     seed: Annotated[int | None, typer.Option(help="Overrides train.seed.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Overrides train.epochs.")] = None,
+    time_budget: TimeBudgetOpt = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
@@ -498,7 +511,11 @@ def train(
         item_dim=tables.item_repr.shape[1],
     )
     train_cfg = build_config(
-        TrainConfig, base["train"] | user.get("train", {}), seed=seed, epochs=epochs
+        TrainConfig,
+        base["train"] | user.get("train", {}),
+        seed=seed,
+        epochs=epochs,
+        time_budget_s=time_budget,
     )
     start = time.perf_counter()
     meta = {

@@ -58,10 +58,17 @@ class TrainConfig:
     # "cosine": epoch e trains at lr * (1 + cos(pi * (e - 1) / epochs)) / 2, from lr down to
     # nearly 0 at the last planned epoch (`lr_factor`); "constant" keeps lr throughout.
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    # Wall-clock budget of the training loop in seconds (None: none). The epoch that crosses it
+    # is validated and is the last one, so a run given a fixed budget (a lent GPU, a comparison
+    # "at equal budget") always ends selected on validation and ready to test. The budget counts
+    # from the first epoch, across resumes.
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1 or self.patience < 1:
             raise ValueError(f"invalid TrainConfig {self}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be > 0 or None, got {self.time_budget_s}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.lr_schedule not in ("constant", "cosine"):
@@ -84,6 +91,9 @@ class FitResult:
     epochs_run: int
     wall_seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    # why training ended: "epochs" (all configured epochs ran), "patience" (early stopping) or
+    # "time budget" (`TrainConfig.time_budget_s`)
+    stopped_by: str = "epochs"
 
 
 def seed_everything(seed: int) -> None:
@@ -251,8 +261,19 @@ def fit(
     progress = progress and dist.is_main
     t0 = time.perf_counter()
     epochs_run = start_epoch - 1
+    stopped_by = "epochs"
+
+    def over_budget() -> bool:
+        spent = elapsed_before + time.perf_counter() - t0
+        return config.time_budget_s is not None and spent >= config.time_budget_s
+
     for epoch in range(start_epoch, config.epochs + 1):
         if bad_evals >= config.patience:  # a resumed run that had already stopped early
+            stopped_by = "patience"
+            break
+        if config.time_budget_s is not None and elapsed_before >= config.time_budget_s:
+            # a resumed run that had already spent its budget
+            stopped_by = "time budget"
             break
         model.train()
         lr = config.lr * config.lr_factor(epoch)
@@ -283,7 +304,9 @@ def fit(
         if on_epoch_end is not None:
             record |= on_epoch_end(epoch)
         metrics: dict[str, float] | None = None
-        if epoch % config.eval_every == 0 or epoch == config.epochs:
+        # every rank must take the same decision: rank 0's clock decides
+        last_in_budget = dist.broadcast(over_budget())
+        if epoch % config.eval_every == 0 or epoch == config.epochs or last_in_budget:
             if dist.is_main:
                 model.eval()
                 with torch.no_grad():
@@ -317,6 +340,11 @@ def fit(
             shown = {k: round(v, 4) for k, v in record.items() if k != "epoch"}
             tqdm.write(f"epoch {epoch}: {shown}")
         if bad_evals >= config.patience:
+            stopped_by = "patience"
+            break
+        if last_in_budget:
+            log.info("%s: time budget spent after epoch %d", run_dir, epoch)
+            stopped_by = "time budget"
             break
 
     if dist.is_main and (run_dir / BEST).exists():
@@ -328,4 +356,5 @@ def fit(
         epochs_run=epochs_run,
         wall_seconds=elapsed_before + time.perf_counter() - t0,
         history=history,
+        stopped_by=stopped_by,
     )

@@ -35,6 +35,25 @@ def test_bad_dataset_fails_with_a_clear_message(tmp_path: Path) -> None:
     assert "not a directory" in result.output
 
 
+def test_time_budget_option_stops_training_and_is_recorded(
+    dataset_dir: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": {"dim": 8, "heads": 2, "layers": 1}, "train": {}}))
+    out = tmp_path / "run"
+    args = ["train-sasrec", "--dataset", str(dataset_dir), "--out", str(out), "--config"]
+    args += [str(config), "--epochs", "3", "--time-budget", "1e-9", "--no-progress"]
+    result = runner.invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((out / "results.json").read_text())
+    assert (recorded["epochs_run"], recorded["best_epoch"]) == (1, 1)
+    assert recorded["stopped_by"] == "time budget"
+    assert recorded["config"]["train"]["time_budget_s"] == 1e-9
+    bad = runner.invoke(app, [*args[:-3], "--time-budget", "0", "--device", "cpu"])
+    assert bad.exit_code != 0
+    assert "time_budget_s" in bad.output
+
+
 def test_train_then_evaluate_reproduces_the_recorded_test_metrics(
     dataset_dir: Path, tmp_path: Path
 ) -> None:
@@ -59,7 +78,7 @@ def test_train_then_evaluate_reproduces_the_recorded_test_metrics(
     assert result.exit_code == 0, result.output
     recorded = json.loads((out / "results.json").read_text())
     assert recorded["config"]["model"]["dim"] == 8
-    assert recorded["epochs_run"] == 2
+    assert (recorded["epochs_run"], recorded["stopped_by"]) == (2, "epochs")
     # the CPU model and SIMD level, so that results from two CPU families can be told apart
     assert recorded["hardware"]["cpu"]
     assert recorded["hardware"]["cpu_capability"] in CPU_CAPABILITIES

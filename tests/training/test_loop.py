@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.sasrec import SASRec, SASRecConfig
-from training.loop import BEST, LAST, TrainConfig, fit, load_checkpoint
+from training.loop import BEST, LAST, FitResult, TrainConfig, fit, load_checkpoint
 
 WINDOWS = np.random.default_rng(0).integers(0, 20, size=(64, 6))
 
@@ -132,3 +132,57 @@ def test_the_optimiser_follows_the_schedule_and_a_resume_continues_it(tmp_path: 
     assert [h["lr"] for h in b["history"]] == lrs
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
+
+
+def fit_for_budget(run_dir: Path, epochs: int, budget: float | None) -> FitResult:
+    model = new_model()
+    return fit(
+        model,
+        model_config=asdict(model.config),
+        loss_fn=model.loss,
+        batches=batches,
+        validate=lambda: {"ndcg@10": 0.5},
+        config=TrainConfig(epochs=epochs, eval_every=3, patience=5, time_budget_s=budget),
+        run_dir=run_dir,
+        meta={"kind": "test"},
+        progress=False,
+    )
+
+
+def test_time_budget_ends_on_a_validated_epoch_and_a_resume_trains_no_further(
+    tmp_path: Path,
+) -> None:
+    """Any epoch outlasts a 1 ns budget: epoch 1 is validated although eval_every is 3, it is
+    the last, and the run is selected on it; resuming the spent run trains nothing."""
+    result = fit_for_budget(tmp_path, epochs=6, budget=1e-9)
+    assert (result.epochs_run, result.best_epoch, result.stopped_by) == (1, 1, "time budget")
+    assert load_checkpoint(tmp_path / BEST)["epoch"] == 1
+    assert [h["epoch"] for h in result.history] == [1.0]
+    assert "valid_ndcg@10" in result.history[0]
+    again = fit_for_budget(tmp_path, epochs=6, budget=1e-9)
+    assert (again.epochs_run, again.stopped_by) == (1, "time budget")
+    assert load_checkpoint(tmp_path / LAST)["epoch"] == 1
+
+
+def test_time_budget_must_be_positive() -> None:
+    assert TrainConfig().time_budget_s is None
+    with pytest.raises(ValueError, match="time_budget_s"):
+        TrainConfig(time_budget_s=0)
+
+
+def test_without_budget_pressure_every_epoch_runs_or_patience_stops(tmp_path: Path) -> None:
+    result = fit_for_budget(tmp_path / "a", epochs=4, budget=1e9)
+    assert (result.epochs_run, result.stopped_by) == (4, "epochs")
+    model = new_model()
+    stopped = fit(
+        model,
+        model_config=asdict(model.config),
+        loss_fn=model.loss,
+        batches=batches,
+        validate=lambda: {"ndcg@10": 0.5},  # never improves after the first validation
+        config=TrainConfig(epochs=10, patience=2),
+        run_dir=tmp_path / "b",
+        meta={"kind": "test"},
+        progress=False,
+    )
+    assert (stopped.epochs_run, stopped.stopped_by) == (3, "patience")
