@@ -13,9 +13,9 @@
 #   TAG=quick-grouped-cosine-e30 CONFIG=runs/grouped-cosine.json EPOCHS=30 bash scripts/generative_results.sh quick ...
 # TIME_BUDGET (seconds) caps each run's training (`bbqrec train --time-budget`): the epoch that
 # crosses it is validated and is the last. PARALLEL=1 trains every (model, seed) side by side, each
-# logging to its run directory's train.log: on a GPU, small models launched together keep it busier
-# than one at a time (the tokenizers still train first, one by one), e.g. the full profile on a
-# lent GPU, six runs for 6 minutes each:
+# logging to its run directory's train.log, so that small models share one GPU (not measured yet
+# against one at a time; the tokenizers still train first, one by one), e.g. the full profile on
+# a GPU, six runs for 6 minutes each:
 #   TIME_BUDGET=360 PARALLEL=1 TAG=full-gpu MODELS="bbqrec tiger" bash scripts/generative_results.sh full ...
 # Every stage resumes: rerunning after an interruption continues where it stopped.
 set -euo pipefail
