@@ -35,21 +35,26 @@ def test_bad_dataset_fails_with_a_clear_message(tmp_path: Path) -> None:
     assert "not a directory" in result.output
 
 
-def test_time_budget_option_stops_training_and_is_recorded(
-    dataset_dir: Path, tmp_path: Path
-) -> None:
+def tiny_sasrec(dataset_dir: Path, tmp_path: Path, epochs: int) -> tuple[list[str], Path]:
+    """`train-sasrec` arguments for a tiny SASRec on the fixture dataset, and its run dir."""
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"model": {"dim": 8, "heads": 2, "layers": 1}, "train": {}}))
     out = tmp_path / "run"
     args = ["train-sasrec", "--dataset", str(dataset_dir), "--out", str(out), "--config"]
-    args += [str(config), "--epochs", "3", "--time-budget", "1e-9", "--no-progress"]
-    result = runner.invoke(app, [*args, "--device", "cpu"])
+    return [*args, str(config), "--epochs", str(epochs), "--no-progress", "--device", "cpu"], out
+
+
+def test_time_budget_option_stops_training_and_is_recorded(
+    dataset_dir: Path, tmp_path: Path
+) -> None:
+    args, out = tiny_sasrec(dataset_dir, tmp_path, epochs=3)
+    result = runner.invoke(app, [*args, "--time-budget", "1e-9"])
     assert result.exit_code == 0, result.output
     recorded = json.loads((out / "results.json").read_text())
     assert (recorded["epochs_run"], recorded["best_epoch"]) == (1, 1)
     assert recorded["stopped_by"] == "time budget"
     assert recorded["config"]["train"]["time_budget_s"] == 1e-9
-    bad = runner.invoke(app, [*args[:-3], "--time-budget", "0", "--device", "cpu"])
+    bad = runner.invoke(app, [*args, "--time-budget", "0"])
     assert bad.exit_code != 0
     assert "time_budget_s" in bad.output
 
@@ -57,23 +62,7 @@ def test_time_budget_option_stops_training_and_is_recorded(
 def test_train_then_evaluate_reproduces_the_recorded_test_metrics(
     dataset_dir: Path, tmp_path: Path
 ) -> None:
-    config = tmp_path / "c.json"
-    config.write_text(json.dumps({"model": {"dim": 8, "heads": 2, "layers": 1}, "train": {}}))
-    out = tmp_path / "run"
-    args = [
-        "train-sasrec",
-        "--dataset",
-        str(dataset_dir),
-        "--out",
-        str(out),
-        "--config",
-        str(config),
-        "--epochs",
-        "2",
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
+    args, out = tiny_sasrec(dataset_dir, tmp_path, epochs=2)
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     recorded = json.loads((out / "results.json").read_text())
