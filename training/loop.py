@@ -59,9 +59,9 @@ class TrainConfig:
     # nearly 0 at the last planned epoch (`lr_factor`); "constant" keeps lr throughout.
     lr_schedule: Literal["constant", "cosine"] = "constant"
     # Wall-clock budget of the training loop in seconds (None: none). The epoch that crosses it
-    # is validated and is the last one, so a run given a fixed budget (a lent GPU, a comparison
-    # "at equal budget") always ends selected on validation and ready to test. The budget counts
-    # from the first epoch, across resumes.
+    # is validated and is the last one, so a run given a fixed budget (a GPU reserved for
+    # minutes, a comparison "at equal budget") always ends selected on validation and ready to
+    # test. The budget counts from the first epoch, across resumes.
     time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -84,6 +84,9 @@ class TrainConfig:
         return (1 + math.cos(math.pi * (epoch - 1) / self.epochs)) / 2
 
 
+StopReason = Literal["epochs", "patience", "time budget"]
+
+
 @dataclass
 class FitResult:
     best_epoch: int
@@ -93,7 +96,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     # why training ended: "epochs" (all configured epochs ran), "patience" (early stopping) or
     # "time budget" (`TrainConfig.time_budget_s`)
-    stopped_by: str = "epochs"
+    stopped_by: StopReason = "epochs"
 
 
 def seed_everything(seed: int) -> None:
@@ -261,7 +264,7 @@ def fit(
     progress = progress and dist.is_main
     t0 = time.perf_counter()
     epochs_run = start_epoch - 1
-    stopped_by = "epochs"
+    stopped_by: StopReason = "epochs"
 
     def over_budget() -> bool:
         spent = elapsed_before + time.perf_counter() - t0
@@ -342,7 +345,7 @@ def fit(
         if bad_evals >= config.patience:
             stopped_by = "patience"
             break
-        if last_in_budget:
+        if last_in_budget and epoch < config.epochs:
             log.info("%s: time budget spent after epoch %d", run_dir, epoch)
             stopped_by = "time budget"
             break

@@ -173,6 +173,9 @@ def test_time_budget_must_be_positive() -> None:
 def test_without_budget_pressure_every_epoch_runs_or_patience_stops(tmp_path: Path) -> None:
     result = fit_for_budget(tmp_path / "a", epochs=4, budget=1e9)
     assert (result.epochs_run, result.stopped_by) == (4, "epochs")
+    # the last planned epoch ran: that, not the budget it also crossed, ended the run
+    last = fit_for_budget(tmp_path / "c", epochs=1, budget=1e-9)
+    assert (last.epochs_run, last.stopped_by) == (1, "epochs")
     model = new_model()
     stopped = fit(
         model,
