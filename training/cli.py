@@ -45,7 +45,7 @@ TimeBudgetOpt = Annotated[
     float | None,
     typer.Option(
         help="Overrides train.time_budget_s: stop after the epoch that crosses this many "
-        "seconds of training, validated, then test."
+        "seconds of the training loop (validations included), validated, then test."
     ),
 ]
 
