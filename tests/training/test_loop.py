@@ -134,7 +134,8 @@ def test_the_optimiser_follows_the_schedule_and_a_resume_continues_it(tmp_path: 
         assert torch.equal(tensor, b["state_dict"][name]), name
 
 
-def fit_for_budget(run_dir: Path, epochs: int, budget: float | None) -> FitResult:
+def fit_flat(run_dir: Path, config: TrainConfig) -> FitResult:
+    """`fit` with a validation metric that never improves after its first value."""
     model = new_model()
     return fit(
         model,
@@ -142,11 +143,15 @@ def fit_for_budget(run_dir: Path, epochs: int, budget: float | None) -> FitResul
         loss_fn=model.loss,
         batches=batches,
         validate=lambda: {"ndcg@10": 0.5},
-        config=TrainConfig(epochs=epochs, eval_every=3, patience=5, time_budget_s=budget),
+        config=config,
         run_dir=run_dir,
         meta={"kind": "test"},
         progress=False,
     )
+
+
+def budgeted(epochs: int, budget: float) -> TrainConfig:
+    return TrainConfig(epochs=epochs, eval_every=3, patience=5, time_budget_s=budget)
 
 
 def test_time_budget_ends_on_a_validated_epoch_and_a_resume_trains_no_further(
@@ -154,12 +159,12 @@ def test_time_budget_ends_on_a_validated_epoch_and_a_resume_trains_no_further(
 ) -> None:
     """Any epoch outlasts a 1 ns budget: epoch 1 is validated although eval_every is 3, it is
     the last, and the run is selected on it; resuming the spent run trains nothing."""
-    result = fit_for_budget(tmp_path, epochs=6, budget=1e-9)
+    result = fit_flat(tmp_path, budgeted(6, 1e-9))
     assert (result.epochs_run, result.best_epoch, result.stopped_by) == (1, 1, "time budget")
     assert load_checkpoint(tmp_path / BEST)["epoch"] == 1
     assert [h["epoch"] for h in result.history] == [1.0]
     assert "valid_ndcg@10" in result.history[0]
-    again = fit_for_budget(tmp_path, epochs=6, budget=1e-9)
+    again = fit_flat(tmp_path, budgeted(6, 1e-9))
     assert (again.epochs_run, again.stopped_by) == (1, "time budget")
     assert load_checkpoint(tmp_path / LAST)["epoch"] == 1
 
@@ -171,21 +176,10 @@ def test_time_budget_must_be_positive() -> None:
 
 
 def test_without_budget_pressure_every_epoch_runs_or_patience_stops(tmp_path: Path) -> None:
-    result = fit_for_budget(tmp_path / "a", epochs=4, budget=1e9)
+    result = fit_flat(tmp_path / "a", budgeted(4, 1e9))
     assert (result.epochs_run, result.stopped_by) == (4, "epochs")
     # the last planned epoch ran: that, not the budget it also crossed, ended the run
-    last = fit_for_budget(tmp_path / "c", epochs=1, budget=1e-9)
+    last = fit_flat(tmp_path / "c", budgeted(1, 1e-9))
     assert (last.epochs_run, last.stopped_by) == (1, "epochs")
-    model = new_model()
-    stopped = fit(
-        model,
-        model_config=asdict(model.config),
-        loss_fn=model.loss,
-        batches=batches,
-        validate=lambda: {"ndcg@10": 0.5},  # never improves after the first validation
-        config=TrainConfig(epochs=10, patience=2),
-        run_dir=tmp_path / "b",
-        meta={"kind": "test"},
-        progress=False,
-    )
+    stopped = fit_flat(tmp_path / "b", TrainConfig(epochs=10, patience=2))
     assert (stopped.epochs_run, stopped.stopped_by) == (3, "patience")
