@@ -267,8 +267,8 @@ def fit(
     stopped_by: StopReason = "epochs"
 
     def over_budget() -> bool:
-        spent = elapsed_before + time.perf_counter() - t0
-        return config.time_budget_s is not None and spent >= config.time_budget_s
+        budget = config.time_budget_s
+        return budget is not None and elapsed_before + time.perf_counter() - t0 >= budget
 
     for epoch in range(start_epoch, config.epochs + 1):
         if bad_evals >= config.patience:  # a resumed run that had already stopped early
@@ -307,8 +307,9 @@ def fit(
         if on_epoch_end is not None:
             record |= on_epoch_end(epoch)
         metrics: dict[str, float] | None = None
-        # every rank must take the same decision: rank 0's clock decides
-        last_in_budget = dist.broadcast(over_budget())
+        # every rank must take the same decision: rank 0's clock decides (no collective without
+        # a budget)
+        last_in_budget = config.time_budget_s is not None and dist.broadcast(over_budget())
         if epoch % config.eval_every == 0 or epoch == config.epochs or last_in_budget:
             if dist.is_main:
                 model.eval()
