@@ -125,7 +125,7 @@ async def test_swap_under_load_fails_no_request(bundles: tuple[Path, Path]) -> N
     seen: list[list[tuple[str, list[str] | None, float]]] = [[] for _ in range(8)]
 
     # The swap is under test, not Redis latency: on a loaded machine eight busy workers can hold
-    # a stored-history read past the 0.25 s default budget, and the answer would be degraded.
+    # a stored-history read past the default Redis budget, and the answer would be degraded.
     async with serving(a, redis_timeout_s=5.0) as client:
         expected = answer(
             await client.post("/recommend", json={"user_id": "x", "history": history})
