@@ -27,7 +27,7 @@ from service.bundle import Bundle
 from service.inference import MicroBatcher
 from service.manifest import MANIFEST, sha256
 from service.settings import Settings
-from tests.service.conftest import REDIS_URL
+from tests.service.conftest import REDIS_URL, UNHURRIED_REDIS_S
 
 KEY = "admin-s3cret"
 ADMIN = {"X-API-Key": KEY}
@@ -126,7 +126,7 @@ async def test_swap_under_load_fails_no_request(bundles: tuple[Path, Path]) -> N
 
     # The swap is under test, not Redis latency: on a loaded machine eight busy workers can hold
     # a stored-history read past the default Redis budget, and the answer would be degraded.
-    async with serving(a, redis_timeout_s=5.0) as client:
+    async with serving(a, redis_timeout_s=UNHURRIED_REDIS_S) as client:
         expected = answer(
             await client.post("/recommend", json={"user_id": "x", "history": history})
         )
