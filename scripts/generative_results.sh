@@ -5,7 +5,8 @@
 # Needs runs/sasrec/NAME/seed0 (z_ID initialisation; trained on the training split only).
 # TOK_EPOCHS (default 100) sets the tokenizer's epochs: 30 on Beauty/Sports (24-36 steps an epoch)
 # gives about the step count of 100 on Scientific-mm (4 steps an epoch).
-# MODELS and SEEDS (space-separated) pick a subset, e.g. MODELS="bbqrec tiger" SEEDS="0 1 2".
+# MODELS and SEEDS (space-separated) pick a subset, e.g. MODELS="bbqrec tiger" SEEDS="0 1 2";
+# an empty SEEDS ("SEEDS=") trains the tokenizers only.
 # CONFIG (a JSON of 'model'/'train' overrides) and EPOCHS go to every `bbqrec train`; TAG names
 # the run group instead of PROFILE (runs/generative/TAG/NAME/MODEL/seedS), e.g. the recipe of
 # docs/RESULTS.md for training to convergence on CPUs:
@@ -46,10 +47,12 @@ for model in "${selected[@]}"; do
       --epochs "$tok_epochs" --out "$tok" --no-progress
   fi
 done
+seeds=${SEEDS-0 1 2}
+[ -n "${seeds// /}" ] || exit 0
 pids=()
 for model in "${selected[@]}"; do
   read -r tok_variant gen_variant <<< "${models[$model]}"
-  for seed in ${SEEDS:-0 1 2}; do
+  for seed in $seeds; do
     out=$runs/generative/$group/$name/$model/seed$seed
     [ -f "$out/results.json" ] && continue
     run=(bbqrec train --dataset "$dir" --tokenizer "$runs/tok/$name/$tok_variant"
