@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -110,6 +111,27 @@ def test_cosine_schedule_decays_from_lr_to_nearly_zero() -> None:
     assert TrainConfig(epochs=4).lr_factor(4) == 1.0
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(lr_schedule="linear")  # type: ignore[arg-type]
+
+
+def test_a_cosine_run_that_early_stopping_could_cut_short_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def cosine(patience: int) -> TrainConfig:
+        return TrainConfig(epochs=7, eval_every=2, patience=patience, lr_schedule="cosine")
+
+    with caplog.at_level(logging.WARNING, logger="training.loop"):
+        fit_flat(tmp_path / "a", TrainConfig(epochs=7, eval_every=2, patience=2))
+        assert not caplog.records  # constant rate: stopping on a plateau is what it is for
+        # validations at epochs 2, 4, 6 and 7 (the last): patience 3 can stop only at epoch 7
+        assert fit_flat(tmp_path / "b", cosine(3)).epochs_run == 7
+        assert not caplog.records
+        stopped = fit_flat(tmp_path / "c", cosine(2))
+    assert (stopped.epochs_run, stopped.stopped_by) == (6, "patience")
+    assert [r.getMessage() for r in caplog.records] == [
+        "cosine schedule over 7 epochs, but early stopping after 2 validations of 2 epochs can "
+        "end the run before the rate decays; set train.patience >= 3 to run the schedule out "
+        "(the best validated epoch is kept either way)"
+    ]
 
 
 def test_the_optimiser_follows_the_schedule_and_a_resume_continues_it(tmp_path: Path) -> None:
