@@ -12,6 +12,8 @@
 # docs/RESULTS.md for training to convergence on CPUs:
 #   echo '{"train": {"group_by_length": true, "lr_schedule": "cosine"}}' > runs/grouped-cosine.json
 #   TAG=quick-grouped-cosine-e30 CONFIG=runs/grouped-cosine.json EPOCHS=30 bash scripts/generative_results.sh quick ...
+# and with "patience": 15 in its "train" every run goes the 30 epochs (equal budgets; early
+# stopping can end a cosine run before its rate decays: docs/METHOD.md, the schedule bullet).
 # TIME_BUDGET (seconds) caps each run's training (`bbqrec train --time-budget`): the epoch that
 # crosses it is validated and is the last. PARALLEL=1 trains every (model, seed) side by side, each
 # logging to its run directory's train.log, so that small models share one GPU (not measured yet
