@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from training.data import PAD, EvalSplit, leave_one_out, load_dataset
-from training.evaluation import Ranker, evaluate
-from training.loop import BEST, load_checkpoint
+from training.evaluation import evaluate, load_run_ranker
 
 
 def training_transitions(train: Iterable[np.ndarray]) -> set[tuple[int, int]]:
@@ -46,22 +45,6 @@ def subset(split: EvalSplit, mask: np.ndarray, name: str) -> EvalSplit:
     return EvalSplit(name, split.users[mask], split.histories[mask], split.targets[mask])
 
 
-def load_ranker(run: Path) -> tuple[Ranker, int, str]:
-    """The ranker of a SASRec or generative run, its history length and its dataset path."""
-    meta = load_checkpoint(run / BEST)["meta"]
-    if meta["kind"] == "sasrec":
-        from training.sasrec import SASRecRanker, load_sasrec
-
-        model, _ = load_sasrec(run)
-        return SASRecRanker(model), model.config.max_len, meta["dataset"]
-    if meta["kind"] == "generative":
-        from training.generative import GenerativeRanker, load_generative
-
-        gen, tables, _ = load_generative(run)
-        return GenerativeRanker(gen, tables, meta["beam"]), gen.config.max_items, meta["dataset"]
-    raise SystemExit(f"{run}: cannot probe a run of kind {meta['kind']!r}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, action="append", required=True)
@@ -69,8 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     print("| run | transitions | users | share | Recall@10 | NDCG@10 |\n|---|---|---|---|---|---|")
     for run in args.run:
-        ranker, max_len, dataset = load_ranker(run)
-        loo = leave_one_out(load_dataset(Path(dataset)), max_len)
+        ranker, max_len, meta = load_run_ranker(run)
+        loo = leave_one_out(load_dataset(Path(meta["dataset"])), max_len)
         split = loo.test if args.split == "test" else loo.valid
         seen = seen_mask(split, training_transitions(loo.train))
         for group, mask in (("all", np.ones(len(split), bool)), ("seen", seen), ("unseen", ~seen)):

@@ -268,11 +268,8 @@ def evaluate(
     """Full-ranking Recall/NDCG of a run's selected checkpoint (SASRec or generative) or of an
     exported bundle. `--k 10 --beam 10` measures what the service returns for k = 10 with
     BBQREC_BEAM=10 (the search keeps max(k, beam) prefixes)."""
-    from training.evaluation import Ranker
+    from training.evaluation import Ranker, load_run_ranker
     from training.evaluation import evaluate as evaluate_ranker
-    from training.generative import GenerativeRanker, load_generative
-    from training.loop import BEST, load_checkpoint
-    from training.sasrec import SASRecRanker, load_sasrec
 
     if split not in ("valid", "test", *PROBE_SPLITS):
         raise _fail(f"--split must be one of valid, test, {', '.join(PROBE_SPLITS)}: {split!r}")
@@ -294,7 +291,7 @@ def evaluate(
     else:
         assert run is not None
         try:
-            meta = load_checkpoint(run / BEST)["meta"]
+            ranker, max_len, meta = load_run_ranker(run, beam)
         except (FileNotFoundError, ValueError) as e:
             raise _fail(str(e)) from e
         ds = _load(dataset or Path(meta["dataset"]))
@@ -302,17 +299,6 @@ def evaluate(
             raise _fail(
                 f"{ds.root} has {ds.num_items} items; the run was trained on {meta['num_items']}"
             )
-        if meta["kind"] == "sasrec":
-            if beam is not None:
-                raise _fail("--beam applies to generative runs and bundles, not SASRec")
-            model, _ = load_sasrec(run)
-            ranker, max_len = SASRecRanker(model), model.config.max_len
-        elif meta["kind"] == "generative":
-            gen, tables, _ = load_generative(run)
-            ranker = GenerativeRanker(gen, tables, beam or meta["beam"])
-            max_len = gen.config.max_items
-        else:
-            raise _fail(f"{run}: cannot evaluate a run of kind {meta['kind']!r}")
     if split in PROBE_SPLITS:
         chosen = probe_split(ds, split, max_len)
     else:

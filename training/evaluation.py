@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -61,6 +62,29 @@ def metrics_from_ranks(
     out = {f"recall@{k}": recall_at_k(ranks, k) for k in recall_ks}
     out |= {f"ndcg@{k}": ndcg_at_k(ranks, k) for k in ndcg_ks}
     return out
+
+
+def load_run_ranker(run: Path, beam: int | None = None) -> tuple[Ranker, int, dict[str, Any]]:
+    """The ranker of a trained run's selected checkpoint (SASRec or generative), the history
+    length it ranks and the run's `meta`; `beam` overrides a generative run's trained width.
+    Raises FileNotFoundError / ValueError for a missing or foreign checkpoint, another kind of
+    run, or a beam given to SASRec."""
+    from training.loop import BEST, load_checkpoint
+
+    meta: dict[str, Any] = load_checkpoint(run / BEST)["meta"]
+    if meta["kind"] == "sasrec":
+        if beam is not None:
+            raise ValueError("--beam applies to generative runs and bundles, not SASRec")
+        from training.sasrec import SASRecRanker, load_sasrec
+
+        model, _ = load_sasrec(run)
+        return SASRecRanker(model), model.config.max_len, meta
+    if meta["kind"] == "generative":
+        from training.generative import GenerativeRanker, load_generative
+
+        gen, tables, _ = load_generative(run)
+        return GenerativeRanker(gen, tables, beam or meta["beam"]), gen.config.max_items, meta
+    raise ValueError(f"{run}: cannot evaluate a run of kind {meta['kind']!r}")
 
 
 @contextmanager
