@@ -99,6 +99,29 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def split_ranks(
+    ranker: Ranker, split: EvalSplit, k: int, *, batch_size: int = 256, seed: int = 0
+) -> np.ndarray:
+    """(U,) each row's 1-based target rank in the ranker's top k (0: not in it), in the split's
+    row order; `evaluate` averages metrics over these, and a subset of rows is a mask on them."""
+    ranks = np.zeros(len(split), dtype=np.int64)
+    # Users in order of history length: every row is ranked on its own, so the order changes no
+    # number, and a ranker that cuts a batch to its longest history (the generative one) runs
+    # on batches of similar length.
+    order = np.argsort(history_lengths(split.histories), kind="stable")
+    with _seeded(seed):
+        for start in range(0, len(split), batch_size):
+            users = order[start : start + batch_size]
+            topk = ranker.rank(split.histories[users], k)
+            # fewer than k columns is fine when the catalogue itself is smaller than k
+            if topk.ndim != 2 or topk.shape[0] != len(users) or topk.shape[1] > k:
+                raise ValueError(
+                    f"ranker returned shape {topk.shape}, expected ({len(users)}, <={k})"
+                )
+            ranks[users] = target_ranks(topk, split.targets[users])
+    return ranks
+
+
 def evaluate(
     ranker: Ranker,
     split: EvalSplit,
@@ -115,21 +138,7 @@ def evaluate(
     random stream untouched.
     """
     k = max(*recall_ks, *ndcg_ks)
-    ranks = np.zeros(len(split), dtype=np.int64)
-    # Users in order of history length: every row is ranked on its own, so the order changes no
-    # number, and a ranker that cuts a batch to its longest history (the generative one) runs
-    # on batches of similar length.
-    order = np.argsort(history_lengths(split.histories), kind="stable")
-    with _seeded(seed):
-        for start in range(0, len(split), batch_size):
-            users = order[start : start + batch_size]
-            topk = ranker.rank(split.histories[users], k)
-            # fewer than k columns is fine when the catalogue itself is smaller than k
-            if topk.ndim != 2 or topk.shape[0] != len(users) or topk.shape[1] > k:
-                raise ValueError(
-                    f"ranker returned shape {topk.shape}, expected ({len(users)}, <={k})"
-                )
-            ranks[users] = target_ranks(topk, split.targets[users])
+    ranks = split_ranks(ranker, split, k, batch_size=batch_size, seed=seed)
     metrics = metrics_from_ranks(ranks, recall_ks, ndcg_ks)
     metrics["users"] = float(len(split))
     return metrics

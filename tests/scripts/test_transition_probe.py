@@ -1,5 +1,6 @@
 """scripts/transition_probe.py: training transitions and the seen / unseen split on a crafted
-case, and the subsets' metrics adding back up to the whole split's."""
+case, and each group's metrics, taken from one ranking of the split, equal to evaluating the
+group's rows on their own."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 SCRIPT = Path(__file__).parents[2] / "scripts" / "transition_probe.py"
 sys.path.insert(0, str(SCRIPT.parent))
 
-from transition_probe import seen_mask, subset, training_transitions  # noqa: E402
+from transition_probe import group_metrics, seen_mask, training_transitions  # noqa: E402
 
 from training.data import PAD, EvalSplit  # noqa: E402
 from training.evaluation import evaluate  # noqa: E402
@@ -43,12 +44,22 @@ class Fixed:
         return np.tile(np.arange(min(k, 4)), (len(histories), 1))
 
 
-def test_the_groups_partition_the_split() -> None:
+def test_groups_from_one_ranking_match_evaluating_each_group() -> None:
     train, split = crafted()
     seen = seen_mask(split, training_transitions(train))
-    a, b = subset(split, seen, "seen"), subset(split, ~seen, "unseen")
-    assert (a.users.tolist(), b.users.tolist()) == ([0, 3], [1, 2])
-    whole, m_a, m_b = (evaluate(Fixed(), s) for s in (split, a, b))
-    for key in ("recall@10", "ndcg@10"):
-        assert whole[key] == (m_a[key] * len(a) + m_b[key] * len(b)) / len(split)
-    assert m_a["recall@1"] == 0.5  # targets 1 and 0: item 0 is ranked first
+    groups = group_metrics(Fixed(), split, seen)
+    assert [(name, users) for name, (users, _) in groups.items()] == [
+        ("all", 4),
+        ("seen", 2),
+        ("unseen", 2),
+    ]
+    whole = evaluate(Fixed(), split)
+    assert groups["all"][1] == {k: v for k, v in whole.items() if k != "users"}
+    for name, mask in (("seen", seen), ("unseen", ~seen)):
+        rows = EvalSplit(name, split.users[mask], split.histories[mask], split.targets[mask])
+        alone = evaluate(Fixed(), rows)
+        assert groups[name][1] == {k: v for k, v in alone.items() if k != "users"}
+    # seen: targets 1 and 0 at ranks 2 and 1; unseen: targets 0 and 3 at ranks 1 and 4
+    assert groups["seen"][1]["recall@1"] == 0.5
+    assert groups["unseen"][1]["recall@1"] == 0.5
+    assert groups["unseen"][1]["recall@5"] == 1.0
